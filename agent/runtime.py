@@ -1,0 +1,159 @@
+"""Load and run exported TVM modules with the TVM *runtime* only.
+
+The device never imports the ``tvm`` package (whose compiler library is 250 MB): ``tvm_ffi`` plus
+``libtvm_runtime.so`` load an exported Relax VM library and run it. Nothing is loaded on import;
+``TvmRuntime()`` loads the runtime library once per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from agent.artifact import TensorSpec
+from agent.errors import BoostError, RuntimeLoadError
+
+# TVM's generated kernels assume this alignment of every tensor they are given.
+ALIGNMENT = 64
+# kDLCPU and the VM's pooled allocator (tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR).
+_DL_CPU = 1
+_POOLED_ALLOCATOR = 2
+
+
+class InferenceInputError(BoostError):
+    """Inference inputs do not match the model's declared inputs."""
+
+
+def runtime_library_path() -> Path:
+    """Locate ``libtvm_runtime.so`` inside the installed apache-tvm wheel, without importing it."""
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        raise RuntimeLoadError(
+            "the TVM runtime library was not found: install the device extra "
+            "(pip install 'mlinferbooster[device]')"
+        )
+    path = Path(spec.origin).parent / "lib" / "libtvm_runtime.so"
+    if not path.is_file():
+        raise RuntimeLoadError(f"{path}: missing; reinstall apache-tvm")
+    return path
+
+
+class TvmRuntime:
+    """The process-wide TVM runtime: ``tvm_ffi`` with ``libtvm_runtime`` loaded globally."""
+
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        with self._lock:
+            import tvm_ffi
+
+            self.ffi: ModuleType = tvm_ffi
+            self.library = runtime_library_path()
+            # RTLD_GLOBAL so that modules loaded later resolve the runtime's symbols.
+            ctypes.CDLL(str(self.library), mode=ctypes.RTLD_GLOBAL)
+
+    @property
+    def version(self) -> str:
+        version = self.ffi.get_global_func("runtime.GetVersion", allow_missing=True)
+        return str(version()) if version is not None else "unknown"
+
+    def load(
+        self, library: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+    ) -> LoadedModel:
+        try:
+            module = self.ffi.load_module(str(library))
+            vm = module["vm_load_executable"]()
+            vm["vm_initialization"](_DL_CPU, 0, _POOLED_ALLOCATOR)
+            main = vm["main"]
+        except Exception as err:  # tvm_ffi raises its own error types for any loader failure
+            raise RuntimeLoadError(f"{library}: cannot load the compiled module: {err}") from err
+        return LoadedModel(self.ffi, vm, main, tuple(inputs), tuple(outputs))
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``array`` whose data starts on an ``ALIGNMENT``-byte boundary."""
+    buffer = np.empty(array.nbytes + ALIGNMENT, np.uint8)
+    offset = (-buffer.ctypes.data) % ALIGNMENT
+    out = buffer[offset : offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
+class LoadedModel:
+    """A loaded module; ``run`` is safe to call from several threads (calls are serialised)."""
+
+    def __init__(
+        self,
+        ffi: ModuleType,
+        vm: Any,
+        main: Any,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+    ) -> None:
+        self._ffi = ffi
+        self._vm = vm  # keeps the VM alive as long as its function
+        self._main = main
+        self.inputs = inputs
+        self.outputs = outputs
+        self._lock = threading.Lock()
+
+    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        names = [spec.name for spec in self.inputs]
+        unknown = sorted(set(feeds) - set(names))
+        missing = [n for n in names if n not in feeds]
+        if unknown or missing:
+            raise InferenceInputError(
+                f"inputs {names} expected; missing {missing}, unknown {unknown}"
+            )
+        ordered = []
+        for spec in self.inputs:
+            value = feeds[spec.name]
+            if tuple(value.shape) != spec.shape or str(value.dtype) != spec.dtype:
+                raise InferenceInputError(
+                    f"input {spec.name!r}: expected {spec.dtype}{list(spec.shape)}, "
+                    f"got {value.dtype}{list(value.shape)}"
+                )
+            ordered.append(aligned_copy(value))
+        return ordered
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = self.check_inputs(feeds)
+        with self._lock:
+            result = self._main(*(self._ffi.from_dlpack(a) for a in arrays))
+            values = list(result) if isinstance(result, self._ffi.Array) else [result]
+            return [np.from_dlpack(v).copy() for v in values]
+
+
+@dataclass(frozen=True)
+class GoldenReport:
+    passed: bool
+    max_abs_error: float
+    allowed: str
+
+    def describe(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return f"golden test {verdict}: max |error| {self.max_abs_error:.3g} ({self.allowed})"
+
+
+def golden_check(model: LoadedModel, golden: Path, rtol: float, atol: float) -> GoldenReport:
+    """Run the artifact's recorded inputs and compare with its recorded outputs."""
+    with np.load(golden, allow_pickle=False) as data:
+        feeds = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
+        expected = [data[f"output:{i}"] for i in range(len(model.outputs))]
+    actual = model.run(feeds)
+    worst, passed = 0.0, True
+    for got, want in zip(actual, expected, strict=True):
+        if got.shape != want.shape:
+            return GoldenReport(False, float("inf"), f"shape {got.shape} != {want.shape}")
+        error = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        worst = max(worst, float(error.max(initial=0.0)))
+        passed &= bool(np.all(error <= atol + rtol * np.abs(want)))
+    return GoldenReport(passed, worst, f"allowed atol {atol:.3g} + rtol {rtol:.3g}")

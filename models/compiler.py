@@ -1,0 +1,220 @@
+"""``boost-build compile``: ONNX in, signed ``.boost`` artifact out.
+
+Order matters for the user: everything that can be checked cheaply (model file, target, compiler,
+signing key) is checked before TVM spends minutes; the artifact appears atomically at the end, so
+a failure leaves nothing half written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from agent.artifact import (
+    FileEntry,
+    GoldenInfo,
+    Manifest,
+    TargetInfo,
+    TensorSpec,
+    load_private_key,
+    sha256_file,
+    write_artifact,
+)
+from agent.errors import BoostError
+from models import targets, tvm_backend
+from models.progress import Progress
+from models.tuning import TuningDatabase, TuningKey
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "model.so"
+GOLDEN = "golden.npz"
+GOLDEN_RTOL = 1e-3
+GOLDEN_ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class CompileRequest:
+    model: Path
+    target: str
+    board: str | None = None
+    trials: int = 0
+    output: Path | None = None
+    name: str | None = None
+    version: str = "1"
+    inputs: Path | None = None
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    artifact: Path
+    manifest: Manifest
+    seconds: float
+    tuning_records: int
+
+
+def load_onnx(path: Path) -> tuple[onnx.ModelProto, str]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise BoostError(f"{path}: no such file") from err
+    except OSError as err:
+        raise BoostError(f"{path}: cannot read: {err.strerror}") from err
+    try:
+        model = onnx.load_from_string(data)
+        onnx.checker.check_model(model)
+    except Exception as err:  # onnx raises DecodeError, ValidationError and others
+        raise BoostError(f"{path}: not a valid ONNX model ({type(err).__name__}: {err})") from err
+    return model, hashlib.sha256(data).hexdigest()
+
+
+def input_specs(model: onnx.ModelProto, origin: str) -> list[TensorSpec]:
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = []
+        for dim in tensor.shape.dim:
+            if not dim.HasField("dim_value"):
+                raise BoostError(
+                    f"{origin}: input {value.name!r} has a dynamic dimension "
+                    f"{dim.dim_param or '?'}; export the model with fixed input shapes"
+                )
+            dims.append(dim.dim_value)
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name
+        specs.append(TensorSpec(value.name, tuple(dims), dtype))
+    return specs
+
+
+def golden_inputs(specs: list[TensorSpec], source: Path | None, seed: str) -> dict[str, np.ndarray]:
+    """One input per spec: from ``source`` (.npz, first sample of a batch) or seeded random."""
+    if source is None:
+        rng = np.random.default_rng(int(seed[:16], 16))
+        return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in specs}
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as err:
+        raise BoostError(f"{source}: not a readable .npz file ({err})") from err
+    out = {}
+    for spec in specs:
+        if spec.name not in arrays:
+            raise BoostError(f"{source}: has no array named {spec.name!r} (has {sorted(arrays)})")
+        value = arrays[spec.name]
+        if value.shape[1:] == spec.shape[1:] and len(value) >= spec.shape[0]:
+            value = value[: spec.shape[0]]
+        if value.shape != spec.shape:
+            raise BoostError(
+                f"{source}: {spec.name} has shape {value.shape}, the model needs {spec.shape}"
+            )
+        out[spec.name] = value.astype(spec.dtype)
+    return out
+
+
+def reference_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The float model's outputs from ONNX Runtime: what the device must reproduce."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(o) for o in session.run(None, feeds)]
+
+
+def compile_model(
+    request: CompileRequest, tuning_db: Path, signing_key: Path, builder_id: str, progress: Progress
+) -> CompileResult:
+    start = time.monotonic()
+    model, digest = load_onnx(request.model)
+    spec = targets.resolve(request.target, request.board)
+    compiler = spec.check_compiler()
+    if request.trials < 0:
+        raise BoostError(f"--tune-trials must be 0 or more, got {request.trials}")
+    if request.trials and spec.name != "x86_64":
+        raise BoostError(
+            f"tuning measures candidates on this machine, so it runs for x86_64 only; build "
+            f"{spec.name} with --tune-trials 0 (stored records for the same key are applied)"
+        )
+    key = load_private_key(signing_key)
+    specs = input_specs(model, str(request.model))
+    name = request.name or request.model.stem
+    feeds = golden_inputs(specs, request.inputs, digest)
+    target_dict = spec.tvm_dict()
+    tuning = TuningDatabase(tuning_db)
+    tuning_key = TuningKey(digest, target_dict, tvm_backend.version())
+    existing = tuning.record_count(tuning_key)
+    tuning_dir = tuning.prepare(tuning_key) if request.trials or existing else None
+
+    with progress.stage(f"import {request.model.name}"):
+        mod = tvm_backend.import_onnx(model, str(request.model))
+    with tempfile.TemporaryDirectory(prefix="boost-build-") as tmp:
+        work = Path(tmp)
+        label = f"optimize for {spec.name} ({target_dict.get('mcpu', 'generic')})"
+        if existing:
+            label += f", applying {existing} tuning records"
+        if request.trials:
+            with progress.counter("tune", request.trials) as on_trials:
+                mod = tvm_backend.optimize(mod, target_dict, tuning_dir, request.trials, on_trials)
+        else:
+            with progress.stage(label):
+                mod = tvm_backend.optimize(mod, target_dict, tuning_dir, 0)
+        with progress.stage("build"):
+            executable = tvm_backend.build(mod, target_dict)
+        with progress.stage(f"export with {spec.compiler}"):
+            tvm_backend.export(executable, work / LIBRARY, compiler)
+        with progress.stage("golden data (ONNX Runtime)"):
+            outputs = reference_outputs(model, feeds)
+            np.savez(
+                work / GOLDEN,
+                **{f"input:{k}": v for k, v in feeds.items()},
+                **{f"output:{i}": v for i, v in enumerate(outputs)},
+            )
+        output_names = [o.name for o in model.graph.output]
+        scale = max(1.0, *(float(np.abs(o).max()) for o in outputs))
+        files = {LIBRARY: work / LIBRARY, GOLDEN: work / GOLDEN}
+        manifest = Manifest(
+            model_name=name,
+            model_version=request.version,
+            source_sha256=digest,
+            target=TargetInfo(
+                name=spec.name,
+                triple=spec.triple,
+                tvm_target=target_dict,
+                cpu_features=tvm_backend.cpu_features(target_dict, targets.ISA_FEATURES),
+                accelerator=None,
+            ),
+            tvm_version=tvm_backend.version(),
+            inputs=tuple(specs),
+            outputs=tuple(
+                TensorSpec(n, tuple(o.shape), o.dtype.name)
+                for n, o in zip(output_names, outputs, strict=True)
+            ),
+            library=LIBRARY,
+            golden=GoldenInfo(file=GOLDEN, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL * scale),
+            files=tuple(
+                FileEntry(n, p.stat().st_size, sha256_file(p)) for n, p in sorted(files.items())
+            ),
+            builder={
+                "id": builder_id or platform.node(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "board": spec.board,
+            },
+            tuning={
+                "key": tuning_key.digest,
+                "records": tuning.record_count(tuning_key),
+                "trials_this_build": request.trials,
+            },
+        )
+        out = request.output or Path(manifest.file_name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with progress.stage(f"package {out}"):
+            write_artifact(out, manifest, files, key)
+    return CompileResult(out, manifest, time.monotonic() - start, tuning.record_count(tuning_key))
