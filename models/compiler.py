@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -172,11 +173,9 @@ def compile_model(
             tvm_backend.export(executable, work / LIBRARY, compiler)
         with progress.stage("golden data (ONNX Runtime)"):
             outputs = reference_outputs(model, feeds)
-            np.savez(
-                work / GOLDEN,
-                **{f"input:{k}": v for k, v in feeds.items()},
-                **{f"output:{i}": v for i, v in enumerate(outputs)},
-            )
+            golden: dict[str, Any] = {f"input:{k}": v for k, v in feeds.items()}
+            golden.update({f"output:{i}": v for i, v in enumerate(outputs)})
+            np.savez(work / GOLDEN, **golden)
         output_names = [o.name for o in model.graph.output]
         scale = max(1.0, *(float(np.abs(o).max()) for o in outputs))
         files = {LIBRARY: work / LIBRARY, GOLDEN: work / GOLDEN}

@@ -49,13 +49,6 @@ def _conv_back(dout: Array, x: Array, cols: Array, w: Array, stride: int) -> tup
     return _col2im(dcols, x.shape, w.shape[2], stride, 1), dw, db
 
 
-def forward(p: dict[str, Array], x: Array) -> Array:
-    """Float reference of the trained network (logits)."""
-    h1 = np.maximum(_conv(x, p["conv1_w"], p["conv1_b"], 1)[0], 0)
-    h2 = np.maximum(_conv(h1, p["conv2_w"], p["conv2_b"], 2)[0], 0)
-    return h2.reshape(len(x), -1) @ p["fc_w"].T + p["fc_b"]
-
-
 def load_digits_split(seed: int) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     from sklearn.datasets import load_digits
 

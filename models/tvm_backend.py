@@ -43,8 +43,9 @@ def host_cpu() -> str:
 def cpu_features(target: dict[str, Any], relevant: frozenset[str]) -> tuple[str, ...]:
     """The ISA features LLVM enables for ``target``, restricted to ``relevant``."""
     tvm = _tvm()
+    # The map holds the features LLVM enables for this CPU (values are empty strings).
     features = tvm.get_global_func("target.llvm_get_cpu_features")(tvm.target.Target(target))
-    return tuple(sorted(name for name, on in features.items() if on and name in relevant))
+    return tuple(sorted(name for name in features if name in relevant))
 
 
 def import_onnx(model: onnx.ModelProto, origin: str) -> Any:

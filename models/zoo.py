@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -48,7 +49,7 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(value, name))
         return name
 
-    def node(self, op: str, inputs: list[str], **attrs: object) -> str:
+    def node(self, op: str, inputs: list[str], **attrs: Any) -> str:
         out = self.name(op.lower())
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out

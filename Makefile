@@ -1,0 +1,58 @@
+# One entry point for people and CI. `make demo` and `make test` set everything up on a fresh
+# Debian/Ubuntu machine (system packages via apt-get, Python packages in .venv).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf qemu-user
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO := .boost/demo
+
+.PHONY: setup demo test test-default test-slow lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# The main job: build host keys, compile a zoo model, publish it, serve it over HTTP, download it
+# as a device would, verify its signature, load it with the runtime alone and run its golden test.
+demo: setup
+	@mkdir -p $(DEMO)
+	@[ -f .boost/keys/build.key ] || $(BIN)/boost-build keygen
+	$(BIN)/boost-build zoo export digits_cnn -o $(DEMO)
+	$(BIN)/boost-build compile $(DEMO)/digits_cnn.onnx --inputs $(DEMO)/digits_cnn.npz \
+		-o $(DEMO)/digits_cnn.boost
+	$(BIN)/boost-build publish $(DEMO)/digits_cnn.boost > $(DEMO)/published.json
+	@url=$$($(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["url"])' \
+		< $(DEMO)/published.json); \
+	$(BIN)/boost-build serve & server=$$!; trap "kill $$server" EXIT; \
+	for i in $$(seq 50); do curl -sfI "$$url" >/dev/null && break; sleep 0.2; done; \
+	echo "device: downloading $$url"; \
+	curl -sf "$$url" -o $(DEMO)/downloaded.boost && \
+	$(BIN)/boost-agent check $(DEMO)/downloaded.boost
+
+# What CI runs (.ci/run): lint, the default suite, then the slow suites.
+test: setup lint test-default test-slow
+
+test-default: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check agent models tests
+	$(BIN)/ruff format --check agent models tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .boost .pytest_cache .mypy_cache .ruff_cache
