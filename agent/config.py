@@ -87,7 +87,6 @@ class BuildConfig:
 class Config:
     agent: AgentConfig = AgentConfig()
     build: BuildConfig = BuildConfig()
-    source: str = field(default="defaults", compare=False)
 
 
 _TYPE_NAMES: dict[Any, str] = {
@@ -168,7 +167,7 @@ class _Loader:
 
     def build(self, cls: Any, section: str, table: Mapping[str, Any]) -> Any:
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in table:
             if key not in fields:
                 self.fail(section, key, "unknown key; " + _suggest(key, list(fields)))
@@ -311,7 +310,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         raise ConfigError(
             f"environment variable {overridden[err.key_path]}", err.key_path, err.message
         ) from err
-    return Config(agent=agent, build=build, source=source)
+    return Config(agent=agent, build=build)
 
 
 def _table(loader: _Loader, data: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -60,11 +60,6 @@ class TvmRuntime:
             # RTLD_GLOBAL so that modules loaded later resolve the runtime's symbols.
             ctypes.CDLL(str(self.library), mode=ctypes.RTLD_GLOBAL)
 
-    @property
-    def version(self) -> str:
-        version = self.ffi.get_global_func("runtime.GetVersion", allow_missing=True)
-        return str(version()) if version is not None else "unknown"
-
     def load(
         self, library: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
     ) -> LoadedModel:
