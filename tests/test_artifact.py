@@ -3,7 +3,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,8 @@ def rewrite(
     src: Path,
     dest: Path,
     change: Callable[[str, bytes], bytes | None],
-    extra: list[tuple[tarfile.TarInfo, bytes]] = (),
-) -> Path:  # type: ignore[assignment]
+    extra: Sequence[tuple[tarfile.TarInfo, bytes]] = (),
+) -> Path:
     """Copy an artifact, letting ``change`` alter (or drop, with None) each member's bytes."""
     with tarfile.open(src) as tar_in, tarfile.open(dest, "w") as tar_out:
         for member in tar_in:
