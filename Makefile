@@ -50,8 +50,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
 lint: setup
-	$(BIN)/ruff check agent models tests
-	$(BIN)/ruff format --check agent models tests
+	$(BIN)/ruff check agent vta models tests
+	$(BIN)/ruff format --check agent vta models tests
 	$(BIN)/mypy
 
 clean:

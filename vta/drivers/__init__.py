@@ -1,0 +1,1 @@
+"""VTA drivers, one module per backend behind the ``Driver`` protocol of ``vta.drivers.base``."""
