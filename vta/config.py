@@ -72,13 +72,14 @@ class VtaConfig:
                 )
         if self.inp_elem_bits % 8 or self.wgt_elem_bits % 8:
             self._fail("an input or weight element is not a whole number of bytes: raise LOG_BLOCK")
-        for kind, layout in isa.layouts(self).items():
-            if layout.bits > (UOP_BITS if kind == "UOP" else INSN_BITS):
-                limit = UOP_BITS if kind == "UOP" else INSN_BITS
-                self._fail(
-                    f"the {kind} fields need {layout.bits} bits, more than {limit}: "
-                    "make the SRAM buffers smaller"
-                )
+        too_wide = [
+            f"the {kind} fields need {layout.bits} bits (at most {limit})"
+            for kind, layout in isa.layouts(self).items()
+            for limit in [UOP_BITS if kind == "UOP" else INSN_BITS]
+            if layout.bits > limit
+        ]
+        if too_wide:
+            self._fail(", ".join(too_wide) + ": make the SRAM buffers smaller")
 
     def _fail(self, message: str) -> None:
         raise VtaConfigError(self.source, message)

@@ -421,7 +421,7 @@ class Simulator:
         cfg = self.config
         dst, src, wgt = self._indices(op)
         self._check_range(dst, cfg.acc_depth, "accumulator")
-        if op.reset:
+        if op.reset or dst.size == 0:
             return _GemmPlan(dst.size, _as_index(np.unique(dst)), ())
         self._check_range(src, cfg.inp_depth, "input")
         self._check_range(wgt, cfg.wgt_depth, "weight")

@@ -39,9 +39,7 @@ def get_value(data: bytes | bytearray, index: int, bits: int) -> int:
 def put_value(data: bytearray, index: int, bits: int, value: int) -> None:
     bit = index * bits
     mask = (1 << bits) - 1
-    data[bit // 8] = (data[bit // 8] & ~(mask << (bit % 8)) & 0xFF) | (
-        (value & mask) << (bit % 8)
-    )
+    data[bit // 8] = (data[bit // 8] & ~(mask << (bit % 8)) & 0xFF) | ((value & mask) << (bit % 8))
 
 
 class Reference:
@@ -140,7 +138,9 @@ class Reference:
                 elif mem == MemId.ACC:
                     data = self.dram[element * lanes * 4 : (element + 1) * lanes * 4]
                     self.acc[entry] = [
-                        signed(int.from_bytes(data[4 * k : 4 * k + 4], "little"), 32) if inside else 0
+                        signed(int.from_bytes(data[4 * k : 4 * k + 4], "little"), 32)
+                        if inside
+                        else 0
                         for k in range(lanes)
                     ]
                 elif mem == MemId.ACC_8BIT:
