@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,11 @@ from vta.isa import AluInsn, AluOp, FinishInsn, GemmInsn, Insn, MemId, MemInsn, 
 
 #: Token FIFOs by (producer, consumer) stage.
 _L2G, _G2L, _G2S, _S2G = "load->compute", "compute->load", "compute->store", "store->compute"
+_STAGE_FIFOS = {
+    Stage.LOAD: (None, _G2L, None, _L2G),
+    Stage.COMPUTE: (_L2G, _S2G, _G2L, _G2S),
+    Stage.STORE: (_G2S, None, _S2G, None),
+}
 _STAGE_NAMES = {Stage.LOAD: "load", Stage.COMPUTE: "compute", Stage.STORE: "store"}
 #: HLS: an accumulator written by a GEMM uop must not be written again by the next two.
 _HLS_GEMM_DEP_DISTANCE = 3
@@ -139,6 +144,7 @@ class Simulator:
         self.counters = Counters()
         self._run_counters = Counters()
         self._plans: dict[tuple[Insn, bytes], _GemmPlan | _AluPlan] = {}
+        self._programs: dict[bytes, list[Insn]] = {}
 
     # -- running programs -------------------------------------------------------------------
 
@@ -149,7 +155,7 @@ class Simulator:
         allow, then compute, then store, round after round. A round in which no queue moves is a
         deadlock and raises with a snapshot instead of spinning.
         """
-        insns = isa.decode_program(program, self.config) if isinstance(program, bytes) else program
+        insns = self._decode(program) if isinstance(program, bytes) else program
         queues: dict[Stage, deque[tuple[int, Insn]]] = {s: deque() for s in Stage}
         for index, insn in enumerate(insns):
             self._check_dep_flags(index, insn)
@@ -185,6 +191,16 @@ class Simulator:
         self.counters.add(run_counters)
         return run_counters
 
+    def _decode(self, program: bytes) -> Sequence[Insn]:
+        """Decoded instructions; a program that runs again (a layer, every inference) is decoded
+        once."""
+        insns = self._programs.get(program)
+        if insns is None:
+            if len(self._programs) >= _PLAN_CACHE_SIZE:
+                self._programs.clear()
+            insns = self._programs[program] = isa.decode_program(program, self.config)
+        return insns
+
     @staticmethod
     def _check_dep_flags(index: int, insn: Insn) -> None:
         forbidden = {
@@ -203,11 +219,7 @@ class Simulator:
     @staticmethod
     def _fifos(insn: Insn) -> tuple[str | None, str | None, str | None, str | None]:
         """(pop_prev, pop_next, push_prev, push_next) FIFOs of the instruction's stage."""
-        return {
-            Stage.LOAD: (None, _G2L, None, _L2G),
-            Stage.COMPUTE: (_L2G, _S2G, _G2L, _G2S),
-            Stage.STORE: (_G2S, None, _S2G, None),
-        }[insn.stage]
+        return _STAGE_FIFOS[insn.stage]
 
     def _ready(self, insn: Insn, tokens: dict[str, int]) -> bool:
         pop_prev, pop_next, _, _ = self._fifos(insn)
@@ -478,24 +490,29 @@ class Simulator:
         self._out_valid[plan.dst] = True
         cfg = self.config
         for b in plan.buckets:
-            # (rows, r, batch, block) → (rows, batch, r*block)
+            rows, depth = len(b.src_rows), b.src_rows.shape[1] * cfg.block
+            # (rows, r, batch, block) → (rows * batch, r * block): one operand row each, 2-D so
+            # that one BLAS call does the product
             x: NDArray[np.floating[Any]] = self._inp_f[b.src_rows].astype(b.dtype, copy=False)
-            x = x.transpose(0, 2, 1, 3).reshape(len(b.src_rows), cfg.batch, -1)
-            # (rows, r, out, in) → (rows, r*in, out)
+            x = x.transpose(0, 2, 1, 3).reshape(rows * cfg.batch, depth)
+            # (rows, r, out, in) → (rows, r * in, out)
             w: NDArray[np.floating[Any]] = self._wgt_f[b.wgt_rows].astype(b.dtype, copy=False)
-            w = w.transpose(0, 1, 3, 2).reshape(len(b.wgt_rows), -1, cfg.block)
+            w = w.transpose(0, 1, 3, 2).reshape(len(b.wgt_rows), depth, cfg.block)
             result: NDArray[np.floating[Any]]
             if b.groups is None:
                 # Every input sequence against every weight sequence in one product.
-                every = x @ w.transpose(1, 0, 2).reshape(w.shape[1], -1)
-                every = every.reshape(len(b.src_rows), cfg.batch, len(b.wgt_rows), cfg.block)
+                every = x @ w.transpose(1, 0, 2).reshape(depth, -1)
+                every = every.reshape(rows, cfg.batch, len(b.wgt_rows), cfg.block)
                 result = every[b.src_of, :, b.wgt_of]
-            elif b.groups:
-                result = np.empty((len(b.src_of), cfg.batch, cfg.block), dtype=b.dtype)
-                for k, members in enumerate(b.groups):
-                    result[members] = x[b.src_of[members]] @ w[k]
             else:
-                result = x[b.src_of] @ w[b.wgt_of]
+                x = x.reshape(rows, cfg.batch, depth)
+                if b.groups:
+                    result = np.empty((len(b.src_of), cfg.batch, cfg.block), dtype=b.dtype)
+                    for k, members in enumerate(b.groups):
+                        operand = x[b.src_of[members]].reshape(-1, depth)
+                        result[members] = (operand @ w[k]).reshape(-1, cfg.batch, cfg.block)
+                else:
+                    result = x[b.src_of] @ w[b.wgt_of]
             total = self.acc[b.dst].astype(np.int64) + result.astype(np.int64)
             self.acc[b.dst] = _wrap32(total)
 
@@ -528,8 +545,26 @@ class Simulator:
                         f"SHR by an amount outside {low}..{high}: the FPGA uses only the low 5 "
                         "bits of the shift"
                     )
+            in_place = _IN_PLACE.get(op.alu_opcode)
+            if op.use_imm and isinstance(dst, slice) and in_place is not None:
+                # int32 in place: these ops cannot leave int32 except ADD, which wraps as the
+                # hardware does.
+                ufunc, imm = in_place(op.imm)
+                if ufunc is not None:
+                    view = self.acc[dst]
+                    ufunc(view, imm, out=view)
+                    continue
             self.acc[dst] = _alu_op(op.alu_opcode, self.acc[dst].astype(np.int64), y)
 
+
+#: ALU ops with an immediate that run on the int32 accumulators in place: (ufunc, operand), or
+#: (None, imm) where the general path must run (SHR by a negative amount shifts left).
+_IN_PLACE: dict[AluOp, Callable[[int], tuple[np.ufunc | None, int]]] = {
+    AluOp.MIN: lambda imm: (np.minimum, imm),
+    AluOp.MAX: lambda imm: (np.maximum, imm),
+    AluOp.ADD: lambda imm: (np.add, imm),
+    AluOp.SHR: lambda imm: (np.right_shift, min(imm, 31)) if imm >= 0 else (None, imm),
+}
 
 #: Consecutive ascending indices become a slice: views instead of gathers and scatters.
 Index = NDArray[np.int64] | slice
