@@ -140,15 +140,16 @@ def test_allocator_aligns_reuses_and_merges() -> None:
     allocator = Allocator(4096, 4096)
     a = allocator.alloc(100, 256)
     b = allocator.alloc(1000, 256)
-    assert (a, b) == (4096, 4352)
+    assert (a, b) == (DeviceBuffer(4096, 100), DeviceBuffer(4352, 1000))
     with pytest.raises(DriverError, match="out of device memory"):
         allocator.alloc(3000, 16)
     allocator.free(a)
     allocator.free(b)
-    assert allocator.alloc(4096, 4096) == 4096  # freed blocks merged back into one
-    allocator.free(4096)
+    whole = allocator.alloc(4096, 4096)
+    assert whole == DeviceBuffer(4096, 4096)  # freed blocks merged back into one
+    allocator.free(whole)
     with pytest.raises(DriverError, match="freed twice"):
-        allocator.free(4096)
+        allocator.free(whole)
     with pytest.raises(DriverError, match="power-of-two alignment"):
         allocator.alloc(16, 3)
 

@@ -77,13 +77,13 @@ def check_span(buffer: DeviceBuffer, offset: int, nbytes: int, what: str) -> Non
 
 
 class Allocator:
-    """First-fit allocation of aligned physical address ranges in ``[base, base + size)``."""
+    """First-fit allocation of aligned buffers in the physical range ``[base, base + size)``."""
 
     def __init__(self, base: int, size: int) -> None:
         self._free: list[tuple[int, int]] = [(base, base + size)]  # sorted (start, end)
         self._live: dict[int, tuple[int, int]] = {}  # addr -> (block start, block end)
 
-    def alloc(self, nbytes: int, align: int) -> int:
+    def alloc(self, nbytes: int, align: int) -> DeviceBuffer:
         if nbytes <= 0 or align <= 0 or align & (align - 1):
             raise DriverError(
                 f"cannot allocate {nbytes} bytes aligned to {align}: need a positive size and a "
@@ -98,17 +98,20 @@ class Allocator:
                 if start < addr:
                     self._free.insert(i, (start, addr))
                 self._live[addr] = (addr, addr + nbytes)
-                return addr
+                return DeviceBuffer(addr, nbytes)
         raise DriverError(
             f"out of device memory: no free block of {nbytes} bytes aligned to {align}; free "
             "buffers or give the device more memory"
         )
 
-    def free(self, addr: int) -> None:
-        try:
-            start, end = self._live.pop(addr)
-        except KeyError as err:
-            raise DriverError(f"no live buffer at {addr:#x} (freed twice?)") from err
+    def check(self, buffer: DeviceBuffer) -> None:
+        """Raise unless ``buffer`` is a live allocation of this allocator."""
+        if self._live.get(buffer.addr) != (buffer.addr, buffer.addr + buffer.nbytes):
+            raise DriverError(f"{buffer} is not a live buffer of this device (freed twice?)")
+
+    def free(self, buffer: DeviceBuffer) -> None:
+        self.check(buffer)
+        start, end = self._live.pop(buffer.addr)
         i = bisect.bisect(self._free, (start, end))
         if i < len(self._free) and self._free[i][0] == end:
             end = self._free.pop(i)[1]
@@ -116,6 +119,3 @@ class Allocator:
             start = self._free.pop(i - 1)[0]
             i -= 1
         self._free.insert(i, (start, end))
-
-    def is_live(self, buffer: DeviceBuffer) -> bool:
-        return self._live.get(buffer.addr) == (buffer.addr, buffer.addr + buffer.nbytes)

@@ -22,19 +22,14 @@ class NullDriver(Driver):
         self.config = config
         self._allocator = Allocator(_RESERVED, _ADDRESS_SPACE - _RESERVED)
 
-    def _check(self, buffer: DeviceBuffer) -> None:
-        if not self._allocator.is_live(buffer):
-            raise DriverError(f"{buffer} is not a live buffer of this device")
-
     def alloc(self, nbytes: int, align: int) -> DeviceBuffer:
-        return DeviceBuffer(self._allocator.alloc(nbytes, align), nbytes)
+        return self._allocator.alloc(nbytes, align)
 
     def free(self, buffer: DeviceBuffer) -> None:
-        self._check(buffer)
-        self._allocator.free(buffer.addr)
+        self._allocator.free(buffer)
 
     def copy_in(self, buffer: DeviceBuffer, data: HostData, offset: int = 0) -> None:
-        self._check(buffer)
+        self._allocator.check(buffer)
         check_span(buffer, offset, host_bytes(data).size, "copy in")
 
     def copy_out(self, buffer: DeviceBuffer, nbytes: int, offset: int = 0) -> bytes:
@@ -44,7 +39,7 @@ class NullDriver(Driver):
         )
 
     def run(self, program: DeviceBuffer, count: int, timeout_s: float) -> None:
-        self._check(program)
+        self._allocator.check(program)
         check_span(program, 0, count * INSN_BYTES, "program")
 
     def close(self) -> None:

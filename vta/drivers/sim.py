@@ -28,20 +28,19 @@ class SimDriver(Driver):
         self._allocator = Allocator(_RESERVED, dram_bytes - _RESERVED)
         self._closed = False
 
-    def _check(self, buffer: DeviceBuffer) -> None:
+    def _check(self, buffer: DeviceBuffer | None) -> None:
         if self._closed:
             raise DriverError("the sim driver is closed")
-        if not self._allocator.is_live(buffer):
-            raise DriverError(f"{buffer} is not a live buffer of this device")
+        if buffer is not None:
+            self._allocator.check(buffer)
 
     def alloc(self, nbytes: int, align: int) -> DeviceBuffer:
-        if self._closed:
-            raise DriverError("the sim driver is closed")
-        return DeviceBuffer(self._allocator.alloc(nbytes, align), nbytes)
+        self._check(None)
+        return self._allocator.alloc(nbytes, align)
 
     def free(self, buffer: DeviceBuffer) -> None:
-        self._check(buffer)
-        self._allocator.free(buffer.addr)
+        self._check(None)
+        self._allocator.free(buffer)
 
     def copy_in(self, buffer: DeviceBuffer, data: HostData, offset: int = 0) -> None:
         self._check(buffer)
