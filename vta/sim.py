@@ -196,7 +196,7 @@ class Simulator:
         once."""
         insns = self._programs.get(program)
         if insns is None:
-            if len(self._programs) >= _PLAN_CACHE_SIZE:
+            if len(self._programs) >= _PROGRAM_CACHE_SIZE:
                 self._programs.clear()
             insns = self._programs[program] = isa.decode_program(program, self.config)
         return insns
@@ -605,7 +605,10 @@ class _AluPlan:
     runs: tuple[tuple[Index, Index], ...]  # (dst, src) of each hazard-free run
 
 
-_PLAN_CACHE_SIZE = 4096
+#: Bounds of the caches: a model's distinct instructions and programs fit; past that they start
+#: over, so memory stays bounded on a device that runs many models.
+_PLAN_CACHE_SIZE = 1024
+_PROGRAM_CACHE_SIZE = 64
 
 
 def _check_gemm_hazard(dst: NDArray[np.int64]) -> None:
