@@ -72,12 +72,11 @@ class VtaConfig:
                 )
         if self.inp_elem_bits % 8 or self.wgt_elem_bits % 8:
             self._fail("an input or weight element is not a whole number of bytes: raise LOG_BLOCK")
-        too_wide = [
-            f"the {kind} fields need {layout.bits} bits (at most {limit})"
-            for kind, layout in isa.layouts(self).items()
-            for limit in [UOP_BITS if kind == "UOP" else INSN_BITS]
-            if layout.bits > limit
-        ]
+        too_wide = []
+        for kind, layout in isa.layouts(self).items():
+            limit = UOP_BITS if kind == "UOP" else INSN_BITS
+            if layout.bits > limit:
+                too_wide.append(f"the {kind} fields need {layout.bits} bits (at most {limit})")
         if too_wide:
             self._fail(", ".join(too_wide) + ": make the SRAM buffers smaller")
 

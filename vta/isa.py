@@ -88,10 +88,6 @@ class Insn:
         """The queue the fetch module routes this instruction to."""
         return Stage.COMPUTE
 
-    @property
-    def deps(self) -> tuple[bool, bool, bool, bool]:
-        return (self.pop_prev, self.pop_next, self.push_prev, self.push_next)
-
 
 @dataclass(frozen=True, kw_only=True)
 class MemInsn(Insn):
@@ -112,6 +108,11 @@ class MemInsn(Insn):
     @property
     def opcode(self) -> Opcode:
         return Opcode.STORE if self.is_store else Opcode.LOAD
+
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) zero padding."""
+        return (self.y_pad_0, self.y_pad_1, self.x_pad_0, self.x_pad_1)
 
     @property
     def stage(self) -> Stage:
@@ -313,6 +314,7 @@ def layouts(cfg: VtaConfig) -> dict[str, Layout]:
     }
 
 
+_FLAGS = ("pop_prev", "pop_next", "push_prev", "push_next")
 _KIND = {
     Opcode.LOAD: "MEM",
     Opcode.STORE: "MEM",
@@ -347,7 +349,7 @@ def decode(word: int, cfg: VtaConfig, where: str = "instruction") -> Insn:
         raise EncodingError(f"{where}: unknown opcode {word & 7} (expected 0..4)") from err
     values: dict[str, Any] = layouts(cfg)[_KIND[opcode]].unpack(word)
     del values["opcode"]
-    flags = {k: bool(values.pop(k)) for k in ("pop_prev", "pop_next", "push_prev", "push_next")}
+    flags = {k: bool(values.pop(k)) for k in _FLAGS}
     if opcode in (Opcode.LOAD, Opcode.STORE):
         try:
             memory_type = MemId(values.pop("memory_type"))
@@ -403,7 +405,6 @@ def encode_uops(uops: Iterable[Uop], cfg: VtaConfig) -> bytes:
 
 # -- disassembler -------------------------------------------------------------------------------
 
-_FLAGS = ("pop_prev", "pop_next", "push_prev", "push_next")
 _NAMED = {"memory_type": MemId, "alu_opcode": AluOp}
 _HEX = {"dram_base"}
 

@@ -59,18 +59,6 @@ class UopKernel:
         outer, inner = (*self.loops, Loop(1, 0, 0), Loop(1, 0, 0))[:MAX_LOOPS]
         return outer, inner
 
-    def loop_fields(self) -> dict[str, Any]:
-        """The iteration and factor fields GEMM and ALU share for running this kernel."""
-        outer, inner = self.outer_inner
-        return {
-            "iter_out": outer.extent,
-            "iter_in": inner.extent,
-            "dst_factor_out": outer.dst_factor,
-            "dst_factor_in": inner.dst_factor,
-            "src_factor_out": outer.src_factor,
-            "src_factor_in": inner.src_factor,
-        }
-
 
 class CommandQueue:
     """Builds one instruction stream at a time for a driver's device and runs it."""
@@ -167,32 +155,42 @@ class CommandQueue:
 
     def gemm(self, kernel: UopKernel, *, reset: bool = False) -> None:
         """acc[dst] += inp[src] · wgt[wgt]ᵀ for every uop in the loops (or acc[dst] = 0)."""
-        bgn = self._stage_uops(kernel)
         outer, inner = kernel.outer_inner
         self._push(
             GemmInsn(
                 reset=reset,
-                uop_bgn=bgn,
-                uop_end=bgn + len(kernel.uops),
                 wgt_factor_out=outer.wgt_factor,
                 wgt_factor_in=inner.wgt_factor,
-                **kernel.loop_fields(),
+                **self._loop_fields(kernel),
             )
         )
 
     def alu(self, kernel: UopKernel, op: AluOp, imm: int | None = None) -> None:
         """acc[dst] = op(acc[dst], imm) when ``imm`` is given, else op(acc[dst], acc[src])."""
-        bgn = self._stage_uops(kernel)
         self._push(
             AluInsn(
-                uop_bgn=bgn,
-                uop_end=bgn + len(kernel.uops),
                 alu_opcode=op,
                 use_imm=imm is not None,
                 imm=0 if imm is None else imm,
-                **kernel.loop_fields(),
+                **self._loop_fields(kernel),
             )
         )
+
+    def _loop_fields(self, kernel: UopKernel) -> dict[str, Any]:
+        """The fields GEMM and ALU share: the kernel's micro-op range (staged into the uop SRAM
+        first), the loop extents and the dst/src factors."""
+        bgn = self._stage_uops(kernel)
+        outer, inner = kernel.outer_inner
+        return {
+            "uop_bgn": bgn,
+            "uop_end": bgn + len(kernel.uops),
+            "iter_out": outer.extent,
+            "iter_in": inner.extent,
+            "dst_factor_out": outer.dst_factor,
+            "dst_factor_in": inner.dst_factor,
+            "src_factor_out": outer.src_factor,
+            "src_factor_in": inner.src_factor,
+        }
 
     def _stage_uops(self, kernel: UopKernel) -> int:
         """The kernel's position in the uop SRAM, loading it there first when it is not resident.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +25,17 @@ from vta.isa import AluInsn, AluOp, FinishInsn, GemmInsn, Insn, MemId, MemInsn, 
 
 #: Token FIFOs by (producer, consumer) stage.
 _L2G, _G2L, _G2S, _S2G = "load->compute", "compute->load", "compute->store", "store->compute"
+#: (pop_prev, pop_next, push_prev, push_next) FIFOs of each stage.
 _STAGE_FIFOS = {
     Stage.LOAD: (None, _G2L, None, _L2G),
     Stage.COMPUTE: (_L2G, _S2G, _G2L, _G2S),
     Stage.STORE: (_G2S, None, _S2G, None),
+}
+#: Dependency flags a stage does not have (there is no load<->store token queue).
+_MISSING_FLAGS = {
+    Stage.LOAD: ("pop_prev", "push_prev"),
+    Stage.COMPUTE: (),
+    Stage.STORE: ("pop_next", "push_next"),
 }
 _STAGE_NAMES = {Stage.LOAD: "load", Stage.COMPUTE: "compute", Stage.STORE: "store"}
 #: HLS: an accumulator written by a GEMM uop must not be written again by the next two.
@@ -203,12 +210,7 @@ class Simulator:
 
     @staticmethod
     def _check_dep_flags(index: int, insn: Insn) -> None:
-        forbidden = {
-            Stage.LOAD: ("pop_prev", "push_prev"),
-            Stage.COMPUTE: (),
-            Stage.STORE: ("pop_next", "push_next"),
-        }[insn.stage]
-        for flag in forbidden:
+        for flag in _MISSING_FLAGS[insn.stage]:
             if getattr(insn, flag):
                 raise SimulationError(
                     f"instruction {index} ({insn.opcode.name}) sets {flag}, which the "
@@ -216,26 +218,21 @@ class Simulator:
                     "token queue)"
                 )
 
-    @staticmethod
-    def _fifos(insn: Insn) -> tuple[str | None, str | None, str | None, str | None]:
-        """(pop_prev, pop_next, push_prev, push_next) FIFOs of the instruction's stage."""
-        return _STAGE_FIFOS[insn.stage]
-
     def _ready(self, insn: Insn, tokens: dict[str, int]) -> bool:
-        pop_prev, pop_next, _, _ = self._fifos(insn)
+        pop_prev, pop_next, _, _ = _STAGE_FIFOS[insn.stage]
         return not (insn.pop_prev and pop_prev and tokens[pop_prev] == 0) and not (
             insn.pop_next and pop_next and tokens[pop_next] == 0
         )
 
     def _pop_tokens(self, insn: Insn, tokens: dict[str, int]) -> None:
-        pop_prev, pop_next, _, _ = self._fifos(insn)
+        pop_prev, pop_next, _, _ = _STAGE_FIFOS[insn.stage]
         if insn.pop_prev and pop_prev:
             tokens[pop_prev] -= 1
         if insn.pop_next and pop_next:
             tokens[pop_next] -= 1
 
     def _push_tokens(self, insn: Insn, tokens: dict[str, int]) -> None:
-        _, _, push_prev, push_next = self._fifos(insn)
+        _, _, push_prev, push_next = _STAGE_FIFOS[insn.stage]
         if insn.push_prev and push_prev:
             tokens[push_prev] += 1
         if insn.push_next and push_next:
@@ -255,7 +252,7 @@ class Simulator:
                 "insn": isa.disassemble(insn, self.config),
                 "queued": len(queue),
             }
-            pop_prev, pop_next, _, _ = self._fifos(insn)
+            pop_prev, pop_next, _, _ = _STAGE_FIFOS[insn.stage]
             wanted = [
                 fifo
                 for flag, fifo in ((insn.pop_prev, pop_prev), (insn.pop_next, pop_next))
@@ -297,7 +294,7 @@ class Simulator:
             raise SimulationError("LOAD cannot read into the output buffer (memory type OUT)")
         if self.hls and mem == MemId.ACC_8BIT:
             raise HlsError("the FPGA design has no 8-bit accumulator load (ACC_8BIT)")
-        if self.hls and mem == MemId.WGT and (op.y_pad_0 or op.y_pad_1 or op.x_pad_0 or op.x_pad_1):
+        if self.hls and mem == MemId.WGT and any(op.pads):
             raise HlsError("the FPGA design ignores padding on weight loads; pad in DRAM")
         eb = cfg.elem_bytes(mem)
         first = op.dram_base * eb
@@ -357,7 +354,7 @@ class Simulator:
             raise SimulationError(
                 f"STORE writes only the output buffer (memory type OUT), not {op.memory_type.name}"
             )
-        if op.y_pad_0 or op.y_pad_1 or op.x_pad_0 or op.x_pad_1:
+        if any(op.pads):
             raise SimulationError("STORE cannot pad: set every pad field to 0")
         count = op.x_size * op.y_size
         if op.sram_base + count > cfg.acc_depth:
@@ -545,26 +542,24 @@ class Simulator:
                         f"SHR by an amount outside {low}..{high}: the FPGA uses only the low 5 "
                         "bits of the shift"
                     )
-            in_place = _IN_PLACE.get(op.alu_opcode)
-            if op.use_imm and isinstance(dst, slice) and in_place is not None:
-                # int32 in place: these ops cannot leave int32 except ADD, which wraps as the
-                # hardware does.
-                ufunc, imm = in_place(op.imm)
-                if ufunc is not None:
-                    view = self.acc[dst]
-                    ufunc(view, imm, out=view)
-                    continue
+            in_place = _in_place(op.alu_opcode, op.imm) if op.use_imm else None
+            if in_place is not None and isinstance(dst, slice):
+                ufunc, operand = in_place
+                view = self.acc[dst]
+                ufunc(view, operand, out=view)
+                continue
             self.acc[dst] = _alu_op(op.alu_opcode, self.acc[dst].astype(np.int64), y)
 
 
-#: ALU ops with an immediate that run on the int32 accumulators in place: (ufunc, operand), or
-#: (None, imm) where the general path must run (SHR by a negative amount shifts left).
-_IN_PLACE: dict[AluOp, Callable[[int], tuple[np.ufunc | None, int]]] = {
-    AluOp.MIN: lambda imm: (np.minimum, imm),
-    AluOp.MAX: lambda imm: (np.maximum, imm),
-    AluOp.ADD: lambda imm: (np.add, imm),
-    AluOp.SHR: lambda imm: (np.right_shift, min(imm, 31)) if imm >= 0 else (None, imm),
-}
+def _in_place(opcode: AluOp, imm: int) -> tuple[np.ufunc, int] | None:
+    """(ufunc, operand) that applies an ALU op with an immediate to int32 accumulators in
+    place; these results stay in int32, and ADD wraps as the hardware does. None where the
+    general path must run: MUL, and SHR by a negative amount (a left shift)."""
+    if opcode == AluOp.SHR:
+        return (np.right_shift, min(imm, 31)) if imm >= 0 else None
+    ufunc = {AluOp.MIN: np.minimum, AluOp.MAX: np.maximum, AluOp.ADD: np.add}.get(opcode)
+    return None if ufunc is None else (ufunc, imm)
+
 
 #: Consecutive ascending indices become a slice: views instead of gathers and scatters.
 Index = NDArray[np.int64] | slice

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from vta.config import VtaConfig
+from vta.drivers.base import DeviceBuffer
 from vta.isa import AluOp, MemId, Stage, Uop
 from vta.runtime import CommandQueue, Loop, UopKernel
 
@@ -90,17 +91,12 @@ class Conv3x3:
     def emit(
         self,
         queue: CommandQueue,
-        inp: object,
-        wgt: object,
-        out: object,
+        inp: DeviceBuffer,
+        wgt: DeviceBuffer,
+        out: DeviceBuffer,
     ) -> None:
         """Append the whole layer to ``queue`` (buffers from ``queue.alloc``)."""
-        from vta.drivers.base import DeviceBuffer
-
-        assert isinstance(inp, DeviceBuffer)
-        assert isinstance(wgt, DeviceBuffer)
-        assert isinstance(out, DeviceBuffer)
-        cfg, width, rows = self.cfg, self.width, self.tile_rows()
+        width, rows = self.width, self.tile_rows()
         row_entries = (rows + 2) * (width + 2)  # one input channel block of a tile
         queue.load_2d(
             MemId.WGT, wgt, 0, x_size=self.ocb * self.icb * 9, y_size=1,
@@ -163,4 +159,3 @@ class Conv3x3:
                 )
             queue.dep_push(Stage.STORE, Stage.COMPUTE)
             first = False
-        del cfg
