@@ -350,6 +350,26 @@ def open_artifact(
     return VerifiedArtifact(manifest, signer, dest)
 
 
+def verify_unpacked(root: Path, trusted: Iterable[Ed25519PublicKey]) -> VerifiedArtifact:
+    """Re-check an unpacked artifact (a cache entry) before it is loaded: the signature of its
+    ``manifest.json`` and the size and sha256 of every listed file."""
+    origin = str(root)
+    try:
+        manifest_bytes, signature = (root / MANIFEST).read_bytes(), (root / SIGNATURE).read_bytes()
+    except OSError as err:
+        raise ArtifactError(origin, f"cannot read the manifest: {err}") from err
+    signer = verify_signature(manifest_bytes, signature, trusted, origin)
+    manifest = Manifest.from_json(manifest_bytes, origin)
+    for entry in manifest.files:
+        _check_name(entry.path, origin)
+        path = root / entry.path
+        if not path.is_file() or path.stat().st_size != entry.size:
+            raise ArtifactError(origin, f"{entry.path}: missing or not {entry.size} bytes")
+        if sha256_file(path) != entry.sha256:
+            raise ArtifactError(origin, f"{entry.path}: sha256 does not match the manifest")
+    return VerifiedArtifact(manifest, signer, root)
+
+
 def _check_name(name: str, origin: str) -> None:
     parts = Path(name).parts
     if not name or name.startswith("/") or ".." in parts or len(parts) != 1:

@@ -36,6 +36,10 @@ def _bounded(minimum: int | float | None = None, maximum: int | float | None = N
     return {"min": minimum, "max": maximum}
 
 
+def _choices(*allowed: str) -> Any:
+    return {"choices": allowed}
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     url: str = "mqtt://127.0.0.1:1883"
@@ -45,12 +49,14 @@ class MqttConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     keepalive_s: int = field(default=30, metadata=_bounded(5, 3600))
+    protocol: str = field(default="5", metadata=_choices("5", "3.1.1"))
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     max_bytes: int = field(default=2 * 1024**3, metadata=_bounded(1))
     ram_max_bytes: int = field(default=512 * 1024**2, metadata=_bounded(1))
+    half_life_s: float = field(default=86400.0, metadata=_bounded(1))
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class AgentConfig:
     trusted_keys: tuple[Path, ...] = (Path(".boost/keys/build.pub"),)
     allowed_hosts: tuple[str, ...] = ("http://127.0.0.1:8750",)
     backends: tuple[str, ...] = ("vta-fpga", "vta-serial", "vta-sim", "cpu")
+    metrics_interval_s: float = field(default=60.0, metadata=_bounded(1))
     mqtt: MqttConfig = MqttConfig()
     cache: CacheConfig = CacheConfig()
 
@@ -70,6 +77,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = field(default=8750, metadata=_bounded(0, 65535))
     public_url: str = ""
+    broker_port: int = field(default=1883, metadata=_bounded(0, 65535))
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,12 @@ class BuildConfig:
     default_target: str = "x86_64"
     tuning_db: Path = Path(".boost/tuning")
     serve: ServeConfig = ServeConfig()
-    mqtt: MqttConfig = MqttConfig()
+    # "" = the local broker that `boost-build serve` starts on [build.serve] broker_port.
+    mqtt: MqttConfig = MqttConfig(url="")
+
+    @property
+    def broker_url(self) -> str:
+        return self.mqtt.url or f"mqtt://127.0.0.1:{self.serve.broker_port}"
 
 
 @dataclass(frozen=True)
@@ -159,15 +172,20 @@ class _Loader:
             return path if path.is_absolute() else self.base_dir / path
         if tp is float:
             value = float(value)
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            allowed = " or ".join(f'"{c}"' for c in choices)
+            self.fail(section, key, f"expected {allowed}, got {_show(value)}")
         low, high = meta.get("min"), meta.get("max")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             self.fail(section, key, f"expected {_describe(tp)} {bounds}, got {_show(value)}")
         return value
 
-    def build(self, cls: Any, section: str, table: Mapping[str, Any]) -> Any:
+    def build(self, cls: Any, section: str, table: Mapping[str, Any], defaults: Any = None) -> Any:
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        defaults = cls() if defaults is None else defaults
         for key in table:
             if key not in fields:
                 self.fail(section, key, "unknown key; " + _suggest(key, list(fields)))
@@ -181,17 +199,18 @@ class _Loader:
                     self.fail(
                         section, name, f"expected a table [{section}.{name}], got {_show(raw)}"
                     )
-                values[name] = self.build(tp, f"{section}.{name}", raw)
+                values[name] = self.build(tp, f"{section}.{name}", raw, getattr(defaults, name))
             else:
                 values[name] = self.convert(section, name, tp, raw, f.metadata)
-        defaults = cls()
         for name in fields:
             if name in values or dataclasses.is_dataclass(hints[name]):
                 continue
             values[name] = self._resolve_default(hints[name], getattr(defaults, name))
         for name in fields:
             if name not in values:
-                values[name] = self.build(hints[name], f"{section}.{name}", {})
+                values[name] = self.build(
+                    hints[name], f"{section}.{name}", {}, getattr(defaults, name)
+                )
         return cls(**values)
 
     def _resolve_default(self, tp: Any, value: Any) -> Any:

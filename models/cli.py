@@ -7,6 +7,8 @@ import json
 import shutil
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,19 @@ from typing import Any
 import numpy as np
 
 from agent import cliutil
-from agent.artifact import generate_keypair, load_public_key, open_artifact, read_manifest
+from agent.artifact import (
+    TensorSpec,
+    generate_keypair,
+    load_public_key,
+    open_artifact,
+    read_manifest,
+)
 from agent.config import Config
+from agent.errors import BoostError
 from models import targets, zoo
-from models.compiler import CompileRequest, compile_model
+from models.broker import LocalBroker
+from models.compiler import CompileRequest, compile_model, golden_inputs
+from models.fleet import Fleet, decode_outputs
 from models.progress import Progress
 from models.store import ArtifactStore, StoreServer
 
@@ -92,17 +103,18 @@ def cmd_keygen(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def store_url(config: Config) -> str:
+    serve = config.build.serve
+    return serve.public_url.rstrip("/") or f"http://{serve.host}:{serve.port}"
+
+
 def cmd_publish(args: argparse.Namespace, config: Config) -> int:
     published = ArtifactStore(config.build.store_dir).publish(args.artifact)
-    base = (
-        config.build.serve.public_url
-        or f"http://{config.build.serve.host}:{config.build.serve.port}"
-    )
     print(
         json.dumps(
             {
                 "sha256": published.digest,
-                "url": base + published.url_path,
+                "url": store_url(config) + published.url_path,
                 "name": published.manifest.file_name,
             }
         )
@@ -114,11 +126,130 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     store = ArtifactStore(config.build.store_dir)
     port = config.build.serve.port if args.port is None else args.port
     server = StoreServer(store, config.build.serve.host, port)
-    print(f"serving {store.root} at {server.url}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="boost-broker-") as tmp:
+        broker = None
+        if not config.build.mqtt.url:
+            broker = LocalBroker(config.build.serve.broker_port, Path(tmp)).start()
+            print(f"MQTT broker at {broker.url}", flush=True)
+        print(f"serving {store.root} at {server.url}", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+            if broker is not None:
+                broker.stop()
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace, config: Config) -> int:
+    with Fleet(config.build) as fleet:
+        devices = fleet.snapshot(args.wait)
+    if args.json:
+        print(json.dumps({d.id: vars(d) for d in devices.values()}, indent=2, sort_keys=True))
+        return 0
+    print(f"{'device':20} {'online':7} {'arch':8} {'accelerators':28} models")
+    for device in sorted(devices.values(), key=lambda d: d.id):
+        cpu = device.caps.get("cpu") or {}
+        accelerators = ",".join(a.get("kind", "?") for a in device.caps.get("accelerators") or [])
+        models = " ".join(
+            f"{name}@{m.get('version')}" for name, m in (device.models.get("models") or {}).items()
+        )
+        print(
+            f"{device.id:20} {'yes' if device.online else 'no':7} {cpu.get('arch', '?'):8} "
+            f"{accelerators or '-':28} {models or '-'}"
+        )
+    if not devices:
+        print("(no devices have reported to this broker)")
+    return 0
+
+
+def _check_served(url: str) -> None:
     try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5).close()
+    except (urllib.error.URLError, OSError) as err:
+        raise BoostError(
+            f"the artifact store does not serve {url} ({err}); run 'boost-build serve' or set "
+            "[build.serve] public_url to where devices reach the store"
+        ) from err
+
+
+def cmd_deploy(args: argparse.Namespace, config: Config) -> int:
+    manifest_bytes, signature = read_manifest(args.artifact)
+    published = ArtifactStore(config.build.store_dir).publish(args.artifact)
+    url = store_url(config) + published.url_path
+    _check_served(url)
+    size = published.path.stat().st_size
+
+    def show(device: str, event: dict[str, Any]) -> None:
+        if "bytes" in event:
+            print(f"{device}: downloading {event['bytes'] * 100 // max(event['total'], 1)}%")
+        else:
+            detail = f" ({event['detail']})" if event.get("detail") else ""
+            print(f"{device}: {event.get('state')}{detail}", flush=True)
+
+    with Fleet(config.build) as fleet:
+        chosen = fleet.select(args.to, args.wait)
+        print(f"deploying {published.manifest.file_name} ({size} bytes) to {len(chosen)} device(s)")
+        outcomes = fleet.deploy(
+            manifest_bytes,
+            signature,
+            url,
+            published.digest,
+            size,
+            chosen,
+            show,
+            args.timeout,
+            args.pin,
+        )
+    print(f"\n{'device':20} {'outcome':13} detail")
+    for outcome in outcomes:
+        print(f"{outcome.device:20} {outcome.state:13} {outcome.detail}")
+    failed = [o for o in outcomes if not o.ok]
+    return 1 if failed else 0
+
+
+def _read_inputs(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Inputs named like the model's: a .npz by name, or a .npy for a one-input model."""
+    if path.suffix != ".npy":
+        return golden_inputs(specs, path, "0")
+    if len(specs) != 1:
+        raise BoostError(f"{path}: the model has {len(specs)} inputs; give a .npz with each name")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise BoostError(f"{path}: not a readable .npy file ({err})") from err
+    spec = specs[0]
+    if array.shape[1:] == spec.shape[1:] and len(array) >= spec.shape[0]:
+        array = array[: spec.shape[0]]
+    if array.shape != spec.shape:
+        raise BoostError(f"{path}: shape {array.shape}, the model needs {spec.shape}")
+    return {spec.name: array.astype(spec.dtype)}
+
+
+def cmd_infer(args: argparse.Namespace, config: Config) -> int:
+    with Fleet(config.build) as fleet:
+        (device,) = fleet.select(args.device, args.wait)
+        model = (device.models.get("models") or {}).get(args.model)
+        if model is None or "inputs" not in model:
+            raise BoostError(f"{device.id} has no active model {args.model!r} loaded")
+        specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in model["inputs"]]
+        reply = fleet.infer(device.id, args.model, _read_inputs(args.input, specs), args.timeout)
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise BoostError(f"{device.id}: {error.get('code')}: {error.get('message')}")
+    outputs = decode_outputs(reply)
+    print(
+        f"{device.id}: {args.model} version {reply['version']} answered in "
+        f"{reply['latency_ms']:.2f} ms (on the device)"
+    )
+    for name, value in outputs.items():
+        line = f"  {name}: {value.dtype}{list(value.shape)}"
+        if value.size and value.ndim == 2 and value.shape[0] == 1:
+            line += f", argmax {int(np.argmax(value[0]))}, max {float(value.max()):.4g}"
+        print(line)
+    if args.output:
+        np.savez(args.output, **dict[str, Any](outputs))
+        print(f"outputs written to {args.output}")
     return 0
 
 
@@ -189,6 +320,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the artifact store over HTTP")
     p.add_argument("--port", type=int, help="port (default: [build.serve] port)")
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("devices", help="list devices from their retained state and capabilities")
+    p.add_argument("--json", action="store_true", help="print the raw documents")
+    p.add_argument("--wait", type=float, default=2.0, metavar="S", help="seconds to listen")
+    p.set_defaults(handler=cmd_devices)
+
+    p = sub.add_parser("deploy", help="publish an artifact and deploy it to devices over MQTT")
+    p.add_argument("artifact", type=Path)
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="SELECTOR",
+        help="DEVICE, group:NAME or caps:KEY=VALUE[,...] "
+        "(keys: arch, triple, feature, accelerator, group)",
+    )
+    p.add_argument("--pin", action="store_true", help="pin the build in the devices' caches")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds to wait for every outcome (default 600)",
+    )
+    p.add_argument(
+        "--wait", type=float, default=2.0, metavar="S", help="seconds to listen for devices"
+    )
+    p.set_defaults(handler=cmd_deploy)
+
+    p = sub.add_parser("infer", help="run one inference on a device and print a summary")
+    p.add_argument("device")
+    p.add_argument("model")
+    p.add_argument("--input", type=Path, required=True, help=".npy (one input) or .npz by name")
+    p.add_argument("-o", "--output", type=Path, help="write the outputs to this .npz")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    p.add_argument(
+        "--wait", type=float, default=2.0, metavar="S", help="seconds to listen for devices"
+    )
+    p.set_defaults(handler=cmd_infer)
 
     p = sub.add_parser("zoo", help="the model zoo")
     zsub = p.add_subparsers(metavar="ACTION")

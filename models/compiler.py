@@ -29,6 +29,7 @@ from agent.artifact import (
     sha256_file,
     write_artifact,
 )
+from agent.capabilities import ISA_FEATURES
 from agent.errors import BoostError
 from models import targets, tvm_backend
 from models.progress import Progress
@@ -187,7 +188,7 @@ def compile_model(
                 name=spec.name,
                 triple=spec.triple,
                 tvm_target=target_dict,
-                cpu_features=tvm_backend.cpu_features(target_dict, targets.ISA_FEATURES),
+                cpu_features=tvm_backend.cpu_features(target_dict, ISA_FEATURES),
                 accelerator=None,
             ),
             tvm_version=tvm_backend.version(),

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass, replace
 from typing import Any
 
+from agent.capabilities import ISA_FEATURES
 from agent.errors import BoostError
 
 
@@ -102,36 +103,6 @@ BOARDS: dict[str, Board] = {
     )
 }
 
-# The ISA features that decide whether code built for one CPU runs on another, in LLVM's names.
-ISA_FEATURES = frozenset(
-    {
-        "sse4.2",
-        "avx",
-        "avx2",
-        "fma",
-        "f16c",
-        "avx512f",
-        "avx512bw",
-        "avx512dq",
-        "avx512vl",
-        "avx512vnni",
-        "avx512bf16",
-        "avx512fp16",
-        "avxvnni",
-        "amx-int8",
-        "amx-bf16",
-        "neon",
-        "vfp3",
-        "vfp4",
-        "dotprod",
-        "i8mm",
-        "sve",
-        "sve2",
-        "fullfp16",
-        "bf16",
-    }
-)
-
 
 def resolve(name: str, board: str | None = None) -> TargetSpec:
     """The named target, specialised for a board when one is given."""
@@ -153,5 +124,16 @@ def resolve(name: str, board: str | None = None) -> TargetSpec:
     if name == "x86_64":
         from models import tvm_backend
 
-        spec = replace(spec, mcpu=tvm_backend.host_cpu(), cores=len(os.sched_getaffinity(0)))
+        mcpu = tvm_backend.host_cpu()
+        # LLVM names the CPU model, but a hypervisor may hide some of its features (AMX, FP16 ...):
+        # turn off what this CPU model implies and the host does not report.
+        absent = tvm_backend.cpu_model_features(mcpu, ISA_FEATURES) - tvm_backend.host_features()
+        spec = replace(
+            spec,
+            mcpu=mcpu,
+            cores=len(os.sched_getaffinity(0)),
+            tvm_target={**spec.tvm_target, "mattr": [f"-{f}" for f in sorted(absent)]}
+            if absent
+            else spec.tvm_target,
+        )
     return spec

@@ -40,6 +40,17 @@ def host_cpu() -> str:
     return str(_tvm().get_global_func("target.llvm_get_system_cpu")())
 
 
+def host_features() -> frozenset[str]:
+    """The features the host CPU really has (CPUID), in LLVM's names."""
+    features = _tvm().get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")()
+    return frozenset(name for name, enabled in features.items() if enabled)
+
+
+def cpu_model_features(mcpu: str, relevant: frozenset[str]) -> frozenset[str]:
+    """The features LLVM assumes for the CPU model ``mcpu``, restricted to ``relevant``."""
+    return frozenset(cpu_features({"kind": "llvm", "mcpu": mcpu}, relevant))
+
+
 def cpu_features(target: dict[str, Any], relevant: frozenset[str]) -> tuple[str, ...]:
     """The ISA features LLVM enables for ``target``, restricted to ``relevant``."""
     tvm = _tvm()

@@ -77,9 +77,13 @@ def test_values_and_relative_paths(tmp_path: Path) -> None:
         (
             "[agent]\nzzz = 5\n",
             "deploy.toml: [agent] zzz: unknown key; known keys: allowed_hosts, "
-            "backends, cache, device_id, groups, mqtt, state_dir, trusted_keys",
+            "backends, cache, device_id, groups, metrics_interval_s, mqtt, state_dir, trusted_keys",
         ),
         ("[agnet]\n", 'deploy.toml: [agnet]: unknown section; did you mean "agent"?'),
+        (
+            '[agent.mqtt]\nprotocol = "3"\n',
+            'deploy.toml: [agent.mqtt] protocol: expected "5" or "3.1.1", got "3"',
+        ),
         (
             '[agent]\ncache = "big"\n',
             'deploy.toml: [agent] cache: expected a table [agent.cache], got "big"',

@@ -1,0 +1,407 @@
+"""``boost-agent start``: the device daemon.
+
+One MQTT session (paho-mqtt's network thread) receives commands; deployments run one at a time on
+a worker thread, inference on a thread pool, everything else inline. Birth and death follow the
+contract: the will (``online: false``) is registered at connect with the bdseq of that session,
+and every (re)connect subscribes again and publishes a new birth with a new bdseq.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+
+from agent import mqtt
+from agent.cache import Eviction
+from agent.capabilities import default_device_id, probe
+from agent.config import AgentConfig
+from agent.deploy import Deployer
+from agent.errors import BoostError
+from agent.protocol import (
+    Command,
+    ProtocolError,
+    check_name,
+    command_verb,
+    decode_tensor,
+    device_topic,
+    dumps,
+    encode_tensor,
+    error_reply,
+    group_topic,
+    now,
+    parse_command,
+)
+from agent.registry import Registry, UnknownModelError
+from agent.runtime import InferenceInputError
+
+log = logging.getLogger(__name__)
+
+REMEMBERED_REQUESTS = 1024
+LATENCY_SAMPLES = 1000
+SHUTDOWN_PUBLISH_S = 5.0
+
+
+class Metrics:
+    """Per-model invocation counts and latencies since the last report."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latency: dict[str, list[float]] = {}
+        self._count: dict[str, int] = {}
+        self._errors: dict[str, int] = {}
+        self.evictions = 0
+
+    def record(self, model: str, seconds: float | None) -> None:
+        with self._lock:
+            if seconds is None:
+                self._errors[model] = self._errors.get(model, 0) + 1
+                return
+            self._count[model] = self._count.get(model, 0) + 1
+            samples = self._latency.setdefault(model, [])
+            samples.append(seconds * 1e3)
+            del samples[:-LATENCY_SAMPLES]
+
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            models = {}
+            for name in sorted(set(self._count) | set(self._errors)):
+                lat = np.array(self._latency.get(name, []) or [np.nan])
+                models[name] = {
+                    "invocations": self._count.get(name, 0),
+                    "errors": self._errors.get(name, 0),
+                    "latency_ms": {
+                        "mean": round(float(np.mean(lat)), 3),
+                        "p50": round(float(np.percentile(lat, 50)), 3),
+                        "p95": round(float(np.percentile(lat, 95)), 3),
+                    },
+                }
+            self._latency.clear()
+            self._count.clear()
+            self._errors.clear()
+            return models
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device = check_name("device id", config.device_id or default_device_id())
+        for group in config.groups:
+            check_name("group", group)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(config, self._on_evict)
+        self.deployer = Deployer(self.registry, config, self.capabilities)
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        self.deploys: queue.Queue[Command | None] = queue.Queue()
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
+        self._requests: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
+        self._requests_lock = threading.Lock()
+        self._caps: dict[str, Any] = {}
+        self.client = mqtt.make_client(
+            config.mqtt, config.mqtt.url, f"boost-agent-{self.device}", persistent=True
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.handlers: dict[str, Callable[[Command], dict[str, Any] | None]] = {
+            "deploy": self._queue_deploy,
+            "undeploy": self._undeploy,
+            "infer": self._submit_infer,
+            "pin": self._pin,
+            "unpin": self._unpin,
+            "evict": self._evict,
+            "rebirth": self._rebirth,
+            "ping": self._ping,
+        }
+
+    def topic(self, leaf: str) -> str:
+        return device_topic(self.device, leaf)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code."""
+        self.registry.open()
+        self._caps = self._probe()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self._new_session()
+        url = self.config.mqtt.url
+        self.client.connect_async(**mqtt.connect_kwargs(self.config.mqtt, url, persistent=True))  # type: ignore[arg-type]
+        self.client.loop_start()
+        log.info("device %s: connecting to %s", self.device, url)
+        workers = [
+            threading.Thread(target=self._deploy_worker, name="deploy", daemon=True),
+            threading.Thread(target=self._metrics_worker, name="metrics", daemon=True),
+        ]
+        for worker in workers:
+            worker.start()
+        self.stopping.wait()
+        log.info("device %s: stopping", self.device)
+        self.deploys.put(None)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        info = self.client.publish(
+            self.topic("state"), dumps(self._state(False)), qos=1, retain=True
+        )
+        if self.client.is_connected():
+            try:
+                info.wait_for_publish(SHUTDOWN_PUBLISH_S)
+            except (RuntimeError, ValueError) as err:
+                log.warning("could not publish the offline state: %s", err)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.registry.disk.save()
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        self.stopping.set()
+
+    def _state(self, online: bool) -> dict[str, Any]:
+        return {"online": online, "bdseq": self.registry.state.bdseq, "ts": now()}
+
+    def _new_session(self) -> None:
+        """A new bdseq, and the will that announces this session's death."""
+        with self.registry.lock:
+            self.registry.state.bdseq += 1
+            self.registry.state.save()
+        self.client.will_set(self.topic("state"), dumps(self._state(False)), qos=1, retain=True)
+
+    def _probe(self) -> dict[str, Any]:
+        caps = probe(self.device, self.config.groups, self.config.backends, self.config.state_dir)
+        with self.registry.lock:
+            caps["cache"] = sorted(self.registry.disk.entries)
+        return caps
+
+    def capabilities(self) -> dict[str, Any]:
+        return self._caps
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection: %s", reason)
+            return
+        topics = [self.topic("cmd/+")] + [group_topic(g, "cmd/+") for g in self.config.groups]
+        client.subscribe([(t, 1) for t in topics])
+        self._birth()
+        log.info("device %s: online (bdseq %d)", self.device, self.registry.state.bdseq)
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if self.stopping.is_set():
+            return
+        log.warning("disconnected from the broker (%s); reconnecting", reason)
+        self._new_session()
+
+    def _birth(self) -> None:
+        self._publish(self.topic("state"), self._state(True), retain=True)
+        self._publish(self.topic("caps"), self._caps, retain=True)
+        self._publish_models()
+
+    def _publish_models(self) -> None:
+        self._publish(self.topic("models"), self.registry.summary(), retain=True)
+
+    def _publish(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        self.client.publish(topic, dumps(payload), qos=1, retain=retain)
+
+    # --- commands --------------------------------------------------------------------------------
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        verb = command_verb(message.topic)
+        if verb is None:
+            return
+        try:
+            command = parse_command(verb, bytes(message.payload))
+        except ProtocolError as err:
+            self._publish(self.topic("events"), error_reply(None, err.code, err.message))
+            return
+        if not self._first_time(command):
+            return
+        try:
+            answer = self.handlers[command.verb](command)
+        except ProtocolError as err:
+            answer = error_reply(command.request_id, err.code, err.message)
+        except BoostError as err:
+            answer = error_reply(command.request_id, "failed", str(err))
+        if answer is not None:
+            self._answer(command, answer)
+
+    def _first_time(self, command: Command) -> bool:
+        """Idempotency: a repeated request id gets the recorded answer again, once it exists."""
+        with self._requests_lock:
+            if command.request_id not in self._requests:
+                self._requests[command.request_id] = None
+                while len(self._requests) > REMEMBERED_REQUESTS:
+                    self._requests.popitem(last=False)
+                return True
+            answer = self._requests[command.request_id]
+        log.info("request %s seen before; not redone", command.request_id)
+        if answer is not None:
+            self._send(command, {**answer, "duplicate": True})
+        return False
+
+    def _answer(self, command: Command, answer: dict[str, Any]) -> None:
+        with self._requests_lock:
+            if command.request_id in self._requests:
+                self._requests[command.request_id] = answer
+        self._send(command, answer)
+
+    def _send(self, command: Command, answer: dict[str, Any]) -> None:
+        self._publish(command.reply_to or self.topic("events"), answer)
+
+    def _queue_deploy(self, command: Command) -> None:
+        self.deploys.put(command)
+        return None
+
+    def _deploy_worker(self) -> None:
+        while (command := self.deploys.get()) is not None:
+
+            def emit(event: dict[str, Any], final: bool, command: Command = command) -> None:
+                self._publish(self.topic("events"), event)
+                if final and command.reply_to:
+                    self._publish(command.reply_to, event)
+
+            try:
+                final = self.deployer.run(command, emit)
+            except Exception:  # a bug must not kill the worker: report and keep serving
+                log.exception("deployment %s crashed", command.request_id)
+                final = error_reply(command.request_id, "internal", "the deployment crashed")
+                emit(final, True)
+            with self._requests_lock:
+                self._requests[command.request_id] = final
+            self._caps = self._probe()
+            self._publish(self.topic("caps"), self._caps, retain=True)
+            self._publish_models()
+
+    def _submit_infer(self, command: Command) -> None:
+        self.pool.submit(self._infer, command)
+        return None
+
+    def _infer(self, command: Command) -> None:
+        model = "?"
+        try:
+            model = command.text("model")
+            raw_inputs = command.body.get("inputs")
+            if not isinstance(raw_inputs, dict):
+                raise ProtocolError("bad-input", "infer: 'inputs' must map names to tensors")
+            feeds = {name: decode_tensor(name, raw) for name, raw in raw_inputs.items()}
+            loaded = self.registry.active(model)
+            start = time.perf_counter()
+            outputs = loaded.model.run(feeds)
+            seconds = time.perf_counter() - start
+            self.metrics.record(model, seconds)
+            answer = {
+                "request_id": command.request_id,
+                "ok": True,
+                "model": model,
+                "version": loaded.artifact.manifest.model_version,
+                "digest": loaded.digest,
+                "latency_ms": round(seconds * 1e3, 3),
+                "outputs": {
+                    spec.name: encode_tensor(value)
+                    for spec, value in zip(loaded.model.outputs, outputs, strict=True)
+                },
+            }
+        except ProtocolError as err:
+            answer = error_reply(command.request_id, err.code, err.message)
+        except UnknownModelError as err:
+            answer = error_reply(command.request_id, "unknown-model", str(err))
+        except InferenceInputError as err:
+            answer = error_reply(command.request_id, "bad-input", str(err))
+        except BoostError as err:
+            answer = error_reply(command.request_id, "failed", str(err))
+        except Exception as err:  # the runtime raises its own types; the agent must stay up
+            log.exception("inference on %s crashed", model)
+            answer = error_reply(command.request_id, "internal", f"inference failed: {err}")
+        if not answer["ok"]:
+            self.metrics.record(model, None)
+        self._answer(command, answer)
+
+    def _digest_of(self, command: Command) -> str:
+        """The digest a pin/unpin/evict names: ``digest``, or the active build of ``model``."""
+        if "digest" in command.body:
+            return command.text("digest")
+        name = command.text("model")
+        with self.registry.lock:
+            slot = self.registry.state.models.get(name)
+        if slot is None:
+            raise ProtocolError("unknown-model", f"no active model {name!r} on this device")
+        return slot.active
+
+    def _pin(self, command: Command) -> dict[str, Any]:
+        digest = self._digest_of(command)
+        with self.registry.lock:
+            if digest not in self.registry.disk.entries:
+                raise ProtocolError("not-cached", f"{digest[:12]} is not in the cache")
+            self.registry.state.pins.add(digest)
+            self.registry.state.save()
+        self._publish_models()
+        return {"request_id": command.request_id, "ok": True, "pinned": digest}
+
+    def _unpin(self, command: Command) -> dict[str, Any]:
+        digest = self._digest_of(command)
+        with self.registry.lock:
+            self.registry.state.pins.discard(digest)
+            self.registry.state.save()
+        self._publish_models()
+        return {"request_id": command.request_id, "ok": True, "unpinned": digest}
+
+    def _evict(self, command: Command) -> dict[str, Any]:
+        eviction = self.registry.evict(command.text("digest"))
+        self._publish_models()
+        return {"request_id": command.request_id, "ok": True, "evicted": eviction.to_json()}
+
+    def _undeploy(self, command: Command) -> dict[str, Any]:
+        name = command.text("model")
+        with self.registry.lock:
+            slot = self.registry.state.models.pop(name, None)
+            if slot is None:
+                raise ProtocolError("unknown-model", f"no active model {name!r} on this device")
+            self.registry.state.save()
+        self._publish_models()
+        return {"request_id": command.request_id, "ok": True, "undeployed": name}
+
+    def _rebirth(self, command: Command) -> dict[str, Any]:
+        self._caps = self._probe()
+        self._birth()
+        return {"request_id": command.request_id, "ok": True, "bdseq": self.registry.state.bdseq}
+
+    def _ping(self, command: Command) -> dict[str, Any]:
+        return {"request_id": command.request_id, "ok": True, "ts": now()}
+
+    def _on_evict(self, eviction: Eviction) -> None:
+        self.metrics.evictions += 1
+        self._publish(
+            self.topic("events"), {"request_id": None, "state": "evicted", **eviction.to_json()}
+        )
+
+    # --- metrics ---------------------------------------------------------------------------------
+
+    def _metrics_worker(self) -> None:
+        while not self.stopping.wait(self.config.metrics_interval_s):
+            with self.registry.lock:
+                disk, ram = self.registry.disk, self.registry.ram
+                cache = {
+                    "disk": {"hits": disk.hits, "misses": disk.misses, "used_bytes": disk.used()},
+                    "ram": {"hits": ram.hits, "misses": ram.misses, "used_bytes": ram.used()},
+                    "evictions": self.metrics.evictions,
+                }
+                self.registry.disk.save()
+            self.client.publish(
+                self.topic("metrics"),
+                dumps({"ts": now(), "models": self.metrics.report(), "cache": cache}),
+                qos=0,
+            )

@@ -1,0 +1,201 @@
+"""MQTT protocol v1 (DESIGN.md): topics, command payloads, tensors, structured errors.
+
+Both ends use this module: the agent parses commands with ``parse_command`` and answers with
+``error_reply``; ``boost-build`` builds commands with ``deploy_command`` / ``infer_command``.
+Payloads are UTF-8 JSON objects. Bytes travel as base64: the manifest and its signature exactly
+as signed, and tensors as ``{"shape": [...], "dtype": "float32", "data": <little-endian C-order
+bytes>}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.errors import BoostError
+
+PREFIX = "boost/v1"
+VERBS = ("deploy", "undeploy", "infer", "pin", "unpin", "evict", "rebirth", "ping")
+TENSOR_DTYPES = frozenset(
+    {"float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool"}
+)
+# Bigger inference payloads are refused before they are decoded.
+MAX_TENSOR_BYTES = 64 * 1024**2
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class ProtocolError(BoostError):
+    """A message that does not follow protocol v1; ``code`` goes into the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+def device_topic(device: str, leaf: str) -> str:
+    return f"{PREFIX}/dev/{device}/{leaf}"
+
+
+def group_topic(group: str, leaf: str) -> str:
+    return f"{PREFIX}/group/{group}/{leaf}"
+
+
+def check_name(kind: str, name: str) -> str:
+    """Device ids, groups and model names go into topics: no wildcards, no slashes."""
+    if not _NAME.match(name):
+        raise ProtocolError(
+            "bad-request",
+            f"{kind} {name!r} must be 1-128 characters of letters, digits, '_', '.', ':' or '-'",
+        )
+    return name
+
+
+def command_verb(topic: str) -> str | None:
+    """The verb of a command topic (device or group), or None when it is not one."""
+    parts = topic.split("/")
+    if len(parts) == 6 and parts[:2] == PREFIX.split("/") and parts[4] == "cmd":
+        return parts[5]
+    return None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+def dumps(payload: Mapping[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+
+
+def error_reply(request_id: str | None, code: str, message: str) -> dict[str, Any]:
+    return {"request_id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    verb: str
+    request_id: str
+    reply_to: str | None
+    body: Mapping[str, Any]
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.body.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise ProtocolError("bad-request", f"{self.verb}: {key!r} must be a non-empty string")
+        return value
+
+    def integer(self, key: str) -> int:
+        value = self.body.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ProtocolError("bad-request", f"{self.verb}: {key!r} must be an integer >= 0")
+        return value
+
+    def blob(self, key: str) -> bytes:
+        try:
+            return base64.b64decode(self.text(key), validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ProtocolError("bad-request", f"{self.verb}: {key!r} is not base64") from err
+
+
+def parse_command(verb: str, payload: bytes) -> Command:
+    """Decode a command; raises ``ProtocolError`` naming what is wrong."""
+    if verb not in VERBS:
+        raise ProtocolError("unknown-verb", f"unknown command {verb!r}; known: {', '.join(VERBS)}")
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError("bad-json", f"{verb}: payload is not UTF-8 JSON ({err})") from err
+    if not isinstance(body, dict):
+        raise ProtocolError("bad-json", f"{verb}: payload must be a JSON object")
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
+        raise ProtocolError("bad-request", f"{verb}: 'request_id' must be a string of 1-128 chars")
+    reply_to = body.get("reply_to")
+    if reply_to is not None and (
+        not isinstance(reply_to, str) or not reply_to or any(c in reply_to for c in "+#")
+    ):
+        raise ProtocolError("bad-request", f"{verb}: 'reply_to' must be a topic without wildcards")
+    return Command(verb, request_id, reply_to, body)
+
+
+def deploy_command(
+    manifest: bytes, signature: bytes, url: str, sha256: str, size: int, pin: bool = False
+) -> dict[str, Any]:
+    return {
+        "request_id": new_request_id(),
+        "deploy_id": new_request_id(),
+        "manifest": base64.b64encode(manifest).decode(),
+        "signature": base64.b64encode(signature).decode(),
+        "url": url,
+        "sha256": sha256,
+        "size": size,
+        "pin": pin,
+    }
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return {
+        "shape": list(array.shape),
+        "dtype": array.dtype.name,
+        "data": base64.b64encode(data.tobytes()).decode(),
+    }
+
+
+def decode_tensor(name: str, raw: Any) -> np.ndarray:
+    """A tensor from its JSON form; every defect is a ``ProtocolError`` naming the tensor."""
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad-input", f"input {name!r}: expected {{shape, dtype, data}}")
+    shape, dtype, data = raw.get("shape"), raw.get("dtype"), raw.get("data")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ProtocolError("bad-input", f"input {name!r}: shape must be a list of integers >= 0")
+    if dtype not in TENSOR_DTYPES:
+        raise ProtocolError(
+            "bad-input", f"input {name!r}: dtype {dtype!r} is not one of {sorted(TENSOR_DTYPES)}"
+        )
+    if not isinstance(data, str) or len(data) > MAX_TENSOR_BYTES * 4 // 3 + 4:
+        raise ProtocolError(
+            "bad-input", f"input {name!r}: data must be base64 of at most {MAX_TENSOR_BYTES} bytes"
+        )
+    try:
+        raw_bytes = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ProtocolError("bad-input", f"input {name!r}: data is not base64") from err
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    count = int(np.prod(shape, dtype=np.int64))
+    if count * np_dtype.itemsize != len(raw_bytes):
+        raise ProtocolError(
+            "bad-input",
+            f"input {name!r}: {dtype}{shape} needs {count * np_dtype.itemsize} bytes, "
+            f"got {len(raw_bytes)}",
+        )
+    return np.frombuffer(raw_bytes, np_dtype).astype(dtype).reshape(shape)
+
+
+def infer_command(model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {
+        "request_id": new_request_id(),
+        "model": model,
+        "inputs": {name: encode_tensor(value) for name, value in inputs.items()},
+    }

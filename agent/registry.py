@@ -1,0 +1,167 @@
+"""The device's models: the persisted state, both cache tiers and the runtime, behind one lock.
+
+``load`` is the only way a module gets into memory: the cache entry is re-verified (signature and
+every file's sha256) and loaded with the runtime-only loader, so nothing partially written or
+altered on disk is ever run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.artifact import VerifiedArtifact, load_public_key, verify_unpacked
+from agent.cache import DiskCache, Eviction, LfuAging, ModuleCache
+from agent.config import AgentConfig
+from agent.errors import BoostError
+from agent.runtime import LoadedModel, TvmRuntime
+from agent.state import DeviceState, ModelSlot
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModelError(BoostError):
+    """No active model of that name on this device."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: LoadedModel
+    artifact: VerifiedArtifact
+    digest: str
+    load_seconds: float
+
+
+class Registry:
+    def __init__(
+        self,
+        config: AgentConfig,
+        on_evict: Callable[[Eviction], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.on_evict = on_evict
+        self.lock = threading.RLock()
+        self.state = DeviceState.load(config.state_dir / "state.json")
+        policy = LfuAging(config.cache.half_life_s)
+        self.disk = DiskCache(config.state_dir / "cache", config.cache.max_bytes, policy, clock)
+        self.ram: ModuleCache[Loaded] = ModuleCache(config.cache.ram_max_bytes, policy, clock)
+        self.trusted = [load_public_key(path) for path in config.trusted_keys]
+        self._runtime: TvmRuntime | None = None
+
+    def open(self) -> None:
+        """Open the disk cache and load every active model again (a restart restores them)."""
+        with self.lock:
+            self.disk.open()
+            for name, slot in list(self.state.models.items()):
+                if slot.active not in self.disk.entries:
+                    log.error("model %s: active build %s is gone from the cache", name, slot.active)
+                    continue
+                try:
+                    self.load(slot.active)
+                except BoostError as err:
+                    log.error("model %s: cannot load the active build again: %s", name, err)
+
+    @property
+    def runtime(self) -> TvmRuntime:
+        if self._runtime is None:
+            self._runtime = TvmRuntime()
+        return self._runtime
+
+    def load(self, digest: str) -> Loaded:
+        """The loaded module of a cached artifact (from the RAM tier, or verified and loaded).
+
+        Verification and loading run outside the lock, so inference on other models goes on."""
+        with self.lock:
+            cached = self.ram.get(digest)
+            root = self.disk.path(digest)
+        if cached is not None:
+            return cached
+        start = time.monotonic()
+        verified = verify_unpacked(root, self.trusted)
+        manifest = verified.manifest
+        model = self.runtime.load(
+            verified.path(manifest.library), manifest.inputs, manifest.outputs
+        )
+        loaded = Loaded(model, verified, digest, time.monotonic() - start)
+        size = next(f.size for f in manifest.files if f.path == manifest.library)
+        with self.lock:
+            evictions = self.ram.put(digest, loaded, size, self.state.protected())
+        for eviction in evictions:
+            self.on_evict(eviction)
+        return loaded
+
+    def active(self, name: str) -> Loaded:
+        with self.lock:
+            slot = self.state.models.get(name)
+            if slot is None:
+                known = ", ".join(sorted(self.state.models)) or "none"
+                raise UnknownModelError(
+                    f"no active model {name!r} on this device (active: {known})"
+                )
+            self.disk.lookup(slot.active)
+            digest = slot.active
+        return self.load(digest)
+
+    def make_room(self, need: int, keep: str) -> None:
+        with self.lock:
+            for eviction in self.disk.make_room(need, self.state.protected() | {keep}):
+                self.ram.drop(eviction.digest)
+                self.on_evict(eviction)
+
+    def evict(self, digest: str) -> Eviction:
+        with self.lock:
+            if digest in self.state.protected():
+                raise BoostError(
+                    f"{digest[:12]} is pinned, active or last-good; unpin or undeploy it first"
+                )
+            if digest not in self.disk.entries:
+                raise BoostError(f"{digest[:12]} is not in the cache")
+            self.ram.drop(digest)
+            eviction = self.disk.remove(digest, "requested")
+            self.on_evict(eviction)
+            return eviction
+
+    def _describe(self, slot: ModelSlot) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "version": slot.version,
+            "digest": slot.active,
+            "last_good": slot.last_good,
+            "loaded": slot.active in self.ram,
+        }
+        loaded = self.ram.peek(slot.active)
+        if loaded is not None:
+            for kind, specs in (("inputs", loaded.model.inputs), ("outputs", loaded.model.outputs)):
+                out[kind] = [
+                    {"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs
+                ]
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The retained ``models`` document: active models and the cache."""
+        with self.lock:
+            return {
+                "models": {
+                    name: self._describe(slot) for name, slot in sorted(self.state.models.items())
+                },
+                "cache": {
+                    "used_bytes": self.disk.used(),
+                    "budget_bytes": self.disk.budget,
+                    "ram_used_bytes": self.ram.used(),
+                    "ram_budget_bytes": self.ram.budget,
+                    "entries": [
+                        {
+                            "digest": e.digest,
+                            "model": e.model,
+                            "version": e.version,
+                            "size": e.size,
+                            "pinned": e.digest in self.state.pins,
+                        }
+                        for e in sorted(self.disk.entries.values(), key=lambda e: e.digest)
+                    ],
+                },
+            }
