@@ -50,19 +50,30 @@ def build(
     keys: tuple[Path, Path],
     zoo_model: Callable[[str], Path],
 ) -> Callable[..., Path]:
-    """Compile a zoo model for a target once per session; returns the artifact path."""
+    """Compile a zoo model for a target once per session; returns the artifact path.
+
+    ``as_name`` and ``version`` give the build another model name or version (another artifact)."""
     out_dir = tmp_path_factory.mktemp("artifacts")
     tuning = tmp_path_factory.mktemp("tuning")
-    cache: dict[tuple[str, str, str | None], Path] = {}
+    cache: dict[tuple[str, str, str | None, str | None, str], Path] = {}
 
-    def compile_once(name: str, target: str = "x86_64", board: str | None = None) -> Path:
-        key = (name, target, board)
+    def compile_once(
+        name: str,
+        target: str = "x86_64",
+        board: str | None = None,
+        as_name: str | None = None,
+        version: str = "1",
+    ) -> Path:
+        key = (name, target, board, as_name, version)
         if key not in cache:
+            label = f"{as_name or name}-{version}-{target}-{board or 'default'}"
             request = CompileRequest(
                 model=zoo_model(name),
                 target=target,
                 board=board,
-                output=out_dir / f"{name}-{target}-{board or 'default'}.boost",
+                output=out_dir / f"{label}.boost",
+                name=as_name,
+                version=version,
             )
             cache[key] = compile_model(
                 request, tuning, keys[0], "test-builder", Progress(False)

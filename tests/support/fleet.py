@@ -1,0 +1,248 @@
+"""End-to-end helpers: agents as real processes, an artifact store that counts its requests, a
+watching MQTT client, and re-signed variants of real artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.artifact import (
+    FileEntry,
+    TargetInfo,
+    load_private_key,
+    load_public_key,
+    open_artifact,
+    sha256_file,
+    write_artifact,
+)
+from agent.protocol import device_topic, dumps, new_request_id
+from models.store import ArtifactStore, StoreServer, _Handler
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+class _CountingHandler(_Handler):
+    server: CountingStore
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.server.requests += 1
+        super().do_GET()
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+        self.server.requests += 1
+        super().do_HEAD()
+
+
+class CountingStore(StoreServer):
+    """The real store server, counting the HTTP requests it receives."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(ArtifactStore(root), "127.0.0.1", 0)
+        self.RequestHandlerClass = _CountingHandler
+        self.requests = 0
+
+    def publish(self, artifact: Path) -> tuple[str, str, int]:
+        """(url, sha256, size) of ``artifact`` once in the store."""
+        published = self.store.publish(artifact)
+        return self.url + published.url_path, published.digest, published.path.stat().st_size
+
+
+@dataclass
+class AgentProcess:
+    """``boost-agent start`` in its own process with its own deploy.toml and state directory."""
+
+    root: Path
+    device: str
+    broker_url: str
+    store_url: str
+    public_key: Path
+    extra: str = ""
+    protocol: str = "5"
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.root / "deploy.toml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "agent.log"
+
+    def write_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            f'[agent]\ndevice_id = "{self.device}"\nstate_dir = "state"\n'
+            f'trusted_keys = ["{self.public_key}"]\nallowed_hosts = ["{self.store_url}"]\n'
+            f"{self.extra}\n"
+            f'[agent.mqtt]\nurl = "{self.broker_url}"\nkeepalive_s = 5\n'
+            f'protocol = "{self.protocol}"\n'
+        )
+
+    def start(self) -> AgentProcess:
+        self.write_config()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BOOST_")}
+        env["PYTHONPATH"] = str(REPO)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "--config", str(self.config), "start"],
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=self.root,
+            )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout_s)
+        self.process = None
+        return code
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Watcher:
+    """A test's MQTT client: records every ``boost/v1`` message and sends commands."""
+
+    def __init__(self, broker_url: str, protocol: int = paho.MQTTv5) -> None:
+        host, port = broker_url.removeprefix("mqtt://").split(":")
+        self.messages: list[tuple[str, dict[str, Any], bool]] = []
+        self._cond = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.on_connect = lambda c, *args: c.subscribe("boost/v1/#", qos=1)
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        assert subscribed.wait(10), "the test broker did not acknowledge the subscription"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            payload = {"_raw": msg.payload.decode(errors="replace")}
+        with self._cond:
+            self.messages.append((msg.topic, payload, bool(msg.retain)))
+            self._cond.notify_all()
+
+    def wait_for(
+        self,
+        predicate: Callable[[str, dict[str, Any]], bool],
+        timeout_s: float = 60.0,
+        after: int = 0,
+    ) -> dict[str, Any]:
+        """The first message (from index ``after`` on) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for topic, payload, _ in self.messages[after:]:
+                    if predicate(topic, payload):
+                        return payload
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [t for t, _, _ in self.messages[after:]][-20:]
+                    raise AssertionError(f"no matching message within {timeout_s} s; saw {seen}")
+                self._cond.wait(left)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.messages)
+
+    def state(self, device: str, online: bool, after: int = 0, timeout_s: float = 60) -> int:
+        """Wait for ``device``'s state with ``online``; returns its bdseq."""
+        topic = device_topic(device, "state")
+        message = self.wait_for(
+            lambda t, p: t == topic and p.get("online") is online, timeout_s, after
+        )
+        return int(message["bdseq"])
+
+    def send(
+        self, device: str, verb: str, body: Mapping[str, Any], raw: bytes | None = None
+    ) -> str:
+        request_id = str(body.get("request_id") or new_request_id())
+        payload = raw if raw is not None else dumps({**body, "request_id": request_id})
+        self.client.publish(device_topic(device, f"cmd/{verb}"), payload, qos=1).wait_for_publish(
+            10
+        )
+        return request_id
+
+    def answer(self, request_id: str, after: int = 0, timeout_s: float = 60) -> dict[str, Any]:
+        """The final answer to a request on the device's events topic."""
+        finals = {"active", "rejected", "rolled-back", "failed"}
+        return self.wait_for(
+            lambda t, p: (
+                p.get("request_id") == request_id and (p.get("state") in finals or "ok" in p)
+            ),
+            timeout_s,
+            after,
+        )
+
+    def events(self, request_id: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [
+                p
+                for t, p, _ in self.messages
+                if t.endswith("/events") and p.get("request_id") == request_id
+            ]
+
+
+def golden(artifact: Path, tmp: Path, public_key: Path) -> tuple[dict[str, np.ndarray], list[Any]]:
+    """The recorded golden inputs and outputs of an artifact."""
+    verified = open_artifact(artifact, [load_public_key(public_key)], tmp)
+    with np.load(verified.path(verified.manifest.golden.file)) as data:
+        inputs = {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
+        outputs = [data[f"output:{i}"] for i in range(len(verified.manifest.outputs))]
+    return inputs, outputs
+
+
+def resign(
+    artifact: Path,
+    out: Path,
+    private_key: Path,
+    public_key: Path,
+    target: Callable[[TargetInfo], TargetInfo] | None = None,
+    files: Mapping[str, Callable[[Path], None]] | None = None,
+) -> Path:
+    """A properly signed variant of a real artifact: its target changed and/or payload files
+    rewritten in place by the given functions (their manifest entries follow)."""
+    work = out.with_suffix(".d")
+    verified = open_artifact(artifact, [load_public_key(public_key)], work)
+    manifest = verified.manifest
+    for name, rewrite in (files or {}).items():
+        rewrite(work / name)
+    entries = tuple(
+        FileEntry(f.path, (work / f.path).stat().st_size, sha256_file(work / f.path))
+        for f in manifest.files
+    )
+    manifest = replace(
+        manifest,
+        files=entries,
+        target=target(manifest.target) if target else manifest.target,
+    )
+    payload = {f.path: work / f.path for f in manifest.files}
+    write_artifact(out, manifest, payload, load_private_key(private_key))
+    return out
