@@ -98,6 +98,7 @@ class Agent:
         self.device = check_name("device id", config.device_id or default_device_id())
         for group in config.groups:
             check_name("group", group)
+        mqtt.BrokerAddress.parse(config.mqtt.url)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(config, self._on_evict)
         self.deployer = Deployer(self.registry, config, self.capabilities)

@@ -152,3 +152,15 @@ def test_cli_reports_config_errors_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         'boost-build: error: deploy.toml: [agent.cache] max_bytes: expected an integer, got "1GB"'
     )
+
+
+def test_build_broker_defaults_to_the_local_one_serve_starts(tmp_path: Path) -> None:
+    defaults = load_config(None, env={})
+    assert defaults.build.mqtt.url == "" and defaults.agent.mqtt.url == "mqtt://127.0.0.1:1883"
+    assert defaults.build.broker_url == "mqtt://127.0.0.1:1883"
+    path = write(tmp_path, "[build.serve]\nbroker_port = 1999\n")
+    assert load_config(path, env={}).build.broker_url == "mqtt://127.0.0.1:1999"
+    path = write(tmp_path, '[build.mqtt]\nurl = "mqtts://broker.lab:8883"\nprotocol = "3.1.1"\n')
+    config = load_config(path, env={})
+    assert config.build.broker_url == "mqtts://broker.lab:8883"
+    assert config.build.mqtt.protocol == "3.1.1" and config.agent.mqtt.protocol == "5"
