@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf qemu-user
+APT_PACKAGES := g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf qemu-user mosquitto
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := .boost/demo
 
@@ -23,22 +23,23 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# The main job: build host keys, compile a zoo model, publish it, serve it over HTTP, download it
-# as a device would, verify its signature, load it with the runtime alone and run its golden test.
+# The main job: build host keys, compile a zoo model, serve the store over HTTP with a local MQTT
+# broker, start a device agent, deploy the model to it over MQTT (download, verify, load, golden
+# test, activate) and ask the device for one inference.
 demo: setup
 	@mkdir -p $(DEMO)
 	@[ -f .boost/keys/build.key ] || $(BIN)/boost-build keygen
 	$(BIN)/boost-build zoo export digits_cnn -o $(DEMO)
 	$(BIN)/boost-build compile $(DEMO)/digits_cnn.onnx --inputs $(DEMO)/digits_cnn.npz \
 		-o $(DEMO)/digits_cnn.boost
-	$(BIN)/boost-build publish $(DEMO)/digits_cnn.boost > $(DEMO)/published.json
-	@url=$$($(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["url"])' \
-		< $(DEMO)/published.json); \
-	$(BIN)/boost-build serve & server=$$!; trap "kill $$server" EXIT; \
-	for i in $$(seq 50); do curl -sfI "$$url" >/dev/null && break; sleep 0.2; done; \
-	echo "device: downloading $$url"; \
-	curl -sf "$$url" -o $(DEMO)/downloaded.boost && \
-	$(BIN)/boost-agent check $(DEMO)/downloaded.boost
+	@$(BIN)/boost-build serve > $(DEMO)/serve.log 2>&1 & server=$$!; \
+	BOOST_AGENT_DEVICE_ID=demo-device $(BIN)/boost-agent start > $(DEMO)/agent.log 2>&1 & \
+	agent=$$!; \
+	trap 'kill $$agent $$server 2>/dev/null; wait' EXIT; \
+	$(BIN)/boost-build deploy $(DEMO)/digits_cnn.boost --to demo-device --wait 30 && \
+	$(BIN)/boost-build infer demo-device digits_cnn --input $(DEMO)/digits_cnn.npz || \
+	{ echo "--- serve.log"; tail -20 $(DEMO)/serve.log; echo "--- agent.log"; \
+	  tail -20 $(DEMO)/agent.log; exit 1; }
 
 # What CI runs (.ci/run): lint, the default suite, then the slow suites.
 test: setup lint test-default test-slow

@@ -114,15 +114,19 @@ def connect_blocking(
         connected.set()
 
     client.on_connect = on_connect
-    try:
-        client.connect(**connect_kwargs(config, url, persistent=False))  # type: ignore[arg-type]
-    except OSError as err:
-        raise MqttError(
-            f"cannot reach the MQTT broker at {url}: {err.strerror or err}; start it "
-            "(boost-build serve starts a local one) or fix [build.mqtt] url"
-        ) from err
-    client.loop_start()
     deadline = time.monotonic() + timeout_s
+    while True:  # a broker that is just starting refuses connections for a moment
+        try:
+            client.connect(**connect_kwargs(config, url, persistent=False))  # type: ignore[arg-type]
+            break
+        except OSError as err:
+            if time.monotonic() + 0.2 >= deadline:
+                raise MqttError(
+                    f"cannot reach the MQTT broker at {url}: {err.strerror or err}; start it "
+                    "(boost-build serve starts a local one) or fix [build.mqtt] url"
+                ) from err
+            time.sleep(0.2)
+    client.loop_start()
     if not connected.wait(max(0.0, deadline - time.monotonic())):
         client.loop_stop()
         raise MqttError(f"the MQTT broker at {url} did not answer within {timeout_s:.0f} s")

@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -163,21 +164,27 @@ def cmd_devices(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _check_served(url: str) -> None:
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5).close()
-    except (urllib.error.URLError, OSError) as err:
-        raise BoostError(
-            f"the artifact store does not serve {url} ({err}); run 'boost-build serve' or set "
-            "[build.serve] public_url to where devices reach the store"
-        ) from err
+def _check_served(url: str, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for the store to serve ``url`` (it may be starting)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5).close()
+            return
+        except (urllib.error.URLError, OSError) as err:
+            if time.monotonic() + 0.2 >= deadline:
+                raise BoostError(
+                    f"the artifact store does not serve {url} ({err}); run 'boost-build serve' "
+                    "or set [build.serve] public_url to where devices reach the store"
+                ) from err
+            time.sleep(0.2)
 
 
 def cmd_deploy(args: argparse.Namespace, config: Config) -> int:
     manifest_bytes, signature = read_manifest(args.artifact)
     published = ArtifactStore(config.build.store_dir).publish(args.artifact)
     url = store_url(config) + published.url_path
-    _check_served(url)
+    _check_served(url, args.wait)
     size = published.path.stat().st_size
 
     def show(device: str, event: dict[str, Any]) -> None:

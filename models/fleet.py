@@ -176,8 +176,16 @@ class Fleet:
             return dict(self.devices)
 
     def select(self, selector: str, wait_s: float = 2.0) -> list[Device]:
-        devices = self.snapshot(wait_s)
-        chosen = [d for _, d in sorted(devices.items()) if d.matches(selector)]
+        """The devices ``selector`` matches; waits up to ``wait_s`` for one to match and for all
+        that match to be online (a device that was just started is still connecting)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            devices = self.snapshot(max(0.0, deadline - time.monotonic()))
+            chosen = [d for _, d in sorted(devices.items()) if d.matches(selector)]
+            if (chosen and all(d.online for d in chosen)) or time.monotonic() >= deadline:
+                break
+            with self._lock:
+                self._changed.wait(min(QUIET_S, max(0.0, deadline - time.monotonic())))
         if not chosen:
             known = ", ".join(sorted(devices)) or "none seen"
             raise BoostError(f"no device matches {selector!r} (devices: {known})")
