@@ -15,6 +15,7 @@ from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
 from agent.errors import BoostError
+from agent.retry import until_deadline
 
 # How long the broker keeps a persistent agent session (queued QoS 1 commands) while it is away.
 SESSION_EXPIRY_S = 7 * 24 * 3600
@@ -115,17 +116,17 @@ def connect_blocking(
 
     client.on_connect = on_connect
     deadline = time.monotonic() + timeout_s
-    while True:  # a broker that is just starting refuses connections for a moment
-        try:
-            client.connect(**connect_kwargs(config, url, persistent=False))  # type: ignore[arg-type]
-            break
-        except OSError as err:
-            if time.monotonic() + 0.2 >= deadline:
-                raise MqttError(
-                    f"cannot reach the MQTT broker at {url}: {err.strerror or err}; start it "
-                    "(boost-build serve starts a local one) or fix [build.mqtt] url"
-                ) from err
-            time.sleep(0.2)
+    try:  # a broker that is just starting refuses connections for a moment
+        until_deadline(
+            lambda: client.connect(**connect_kwargs(config, url, persistent=False)),  # type: ignore[arg-type]
+            timeout_s,
+            (OSError,),
+        )
+    except OSError as err:
+        raise MqttError(
+            f"cannot reach the MQTT broker at {url}: {err.strerror or err}; start it "
+            "(boost-build serve starts a local one) or fix [build.mqtt] url"
+        ) from err
     client.loop_start()
     if not connected.wait(max(0.0, deadline - time.monotonic())):
         client.loop_stop()

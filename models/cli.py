@@ -7,7 +7,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from agent.artifact import (
 )
 from agent.config import Config
 from agent.errors import BoostError
+from agent.retry import until_deadline
 from models import targets, zoo
 from models.broker import LocalBroker
 from models.compiler import CompileRequest, compile_model, golden_inputs
@@ -166,18 +166,17 @@ def cmd_devices(args: argparse.Namespace, config: Config) -> int:
 
 def _check_served(url: str, wait_s: float) -> None:
     """Wait up to ``wait_s`` for the store to serve ``url`` (it may be starting)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5).close()
-            return
-        except (urllib.error.URLError, OSError) as err:
-            if time.monotonic() + 0.2 >= deadline:
-                raise BoostError(
-                    f"the artifact store does not serve {url} ({err}); run 'boost-build serve' "
-                    "or set [build.serve] public_url to where devices reach the store"
-                ) from err
-            time.sleep(0.2)
+
+    def head() -> None:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5).close()
+
+    try:
+        until_deadline(head, wait_s, (urllib.error.URLError, OSError))
+    except (urllib.error.URLError, OSError) as err:
+        raise BoostError(
+            f"the artifact store does not serve {url} ({err}); run 'boost-build serve' "
+            "or set [build.serve] public_url to where devices reach the store"
+        ) from err
 
 
 def cmd_deploy(args: argparse.Namespace, config: Config) -> int:
