@@ -15,7 +15,7 @@ import pytest
 
 from agent.artifact import Manifest, TargetInfo, generate_keypair, read_manifest
 from agent.config import BuildConfig, MqttConfig
-from agent.protocol import decode_tensor, deploy_command, device_topic
+from agent.protocol import decode_tensor, deploy_command, device_topic, dumps, group_topic
 from models.broker import LocalBroker, free_port
 from models.fleet import Fleet, Outcome, decode_outputs
 from tests.support.fleet import AgentProcess, CountingStore, Watcher, golden, resign
@@ -407,7 +407,18 @@ def test_mqtt_311_agent_and_fleet(
     keys: Keys,
     tmp_path: Path,
 ) -> None:
-    agent = agents(protocol="3.1.1")
+    agent = agents(protocol="3.1.1", extra='groups = ["lab"]')
+    watcher = Watcher(broker.url)
+    try:
+        online(watcher, agent)
+        # A command to the device's group reaches it too.
+        mark = watcher.mark()
+        watcher.client.publish(
+            group_topic("lab", "cmd/ping"), dumps({"request_id": "group-ping"}), qos=1
+        )
+        assert watcher.answer("group-ping", mark)["ok"] is True
+    finally:
+        watcher.close()
     config = BuildConfig(mqtt=MqttConfig(url=broker.url, protocol="3.1.1"))
     with Fleet(config) as fleet:
         fleet.select("dev1", wait_s=15)
