@@ -175,13 +175,9 @@ class DiskCache:
             log.warning("cache: removing %s, its manifest is unreadable: %s", digest[:12], err)
             shutil.rmtree(path)
             return
+        size = _tree_size(path)
         self.entries[digest] = CacheEntry(
-            digest,
-            manifest.model_name,
-            manifest.model_version,
-            _tree_size(path),
-            self.clock(),
-            Usage(_tree_size(path)),
+            digest, manifest.model_name, manifest.model_version, size, self.clock(), Usage(size)
         )
 
     def save(self) -> None:

@@ -94,8 +94,8 @@ class Command:
     reply_to: str | None
     body: Mapping[str, Any]
 
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self.body.get(key, default)
+    def text(self, key: str) -> str:
+        value = self.body.get(key)
         if not isinstance(value, str) or not value:
             raise ProtocolError("bad-request", f"{self.verb}: {key!r} must be a non-empty string")
         return value

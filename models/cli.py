@@ -234,7 +234,12 @@ def _read_inputs(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
 
 def cmd_infer(args: argparse.Namespace, config: Config) -> int:
     with Fleet(config.build) as fleet:
-        (device,) = fleet.select(args.device, args.wait)
+        chosen = fleet.select(args.device, args.wait)
+        if len(chosen) != 1:
+            raise BoostError(
+                f"{args.device!r} matches {len(chosen)} devices; infer asks one device: give its id"
+            )
+        (device,) = chosen
         model = (device.models.get("models") or {}).get(args.model)
         if model is None or "inputs" not in model:
             raise BoostError(f"{device.id} has no active model {args.model!r} loaded")

@@ -23,6 +23,7 @@ from agent import mqtt
 from agent.artifact import Manifest
 from agent.capabilities import accelerator_ids, incompatibilities
 from agent.config import BuildConfig
+from agent.deploy import TERMINAL
 from agent.errors import BoostError
 from agent.protocol import (
     PREFIX,
@@ -35,7 +36,7 @@ from agent.protocol import (
 
 log = logging.getLogger(__name__)
 
-FINAL_STATES = frozenset({"active", "rejected", "rolled-back", "failed"})
+FINAL_STATES = frozenset(phase.value for phase in TERMINAL)
 # Deploy commands expire on an MQTT 5 broker if no device picks them up within a day.
 COMMAND_EXPIRY_S = 24 * 3600
 QUIET_S = 0.3

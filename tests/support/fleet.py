@@ -29,6 +29,7 @@ from agent.artifact import (
     write_artifact,
 )
 from agent.protocol import device_topic, dumps, new_request_id
+from models.fleet import FINAL_STATES
 from models.store import ArtifactStore, StoreServer, _Handler
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -192,10 +193,9 @@ class Watcher:
 
     def answer(self, request_id: str, after: int = 0, timeout_s: float = 60) -> dict[str, Any]:
         """The final answer to a request on the device's events topic."""
-        finals = {"active", "rejected", "rolled-back", "failed"}
         return self.wait_for(
             lambda t, p: (
-                p.get("request_id") == request_id and (p.get("state") in finals or "ok" in p)
+                p.get("request_id") == request_id and (p.get("state") in FINAL_STATES or "ok" in p)
             ),
             timeout_s,
             after,
