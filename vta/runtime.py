@@ -3,8 +3,8 @@
 It follows the original runtime's rules (tvm-vta ``src/runtime.cc``): a dependency pop is
 attached to the next instruction of the popping stage, a push to the previous instruction when
 that one belongs to the pushing stage, and otherwise a zero-sized LOAD/STORE (a no-op that only
-moves tokens) carries it. ``synchronize`` appends the epilogue that makes FINISH wait for every
-store and load, uploads the micro-ops and the instructions, and runs them.
+moves tokens) carries it. ``build`` appends the epilogue that makes FINISH wait for every store
+and load; ``CommandQueue.synchronize`` also uploads the micro-ops and the instructions and runs them.
 """
 
 from __future__ import annotations
@@ -60,12 +60,15 @@ class UopKernel:
         return outer, inner
 
 
-class CommandQueue:
-    """Builds one instruction stream at a time for a driver's device and runs it."""
+class ProgramBuilder:
+    """Builds one instruction stream: loads, stores, GEMM/ALU kernels and dependency tokens.
 
-    def __init__(self, driver: Driver) -> None:
-        self.driver = driver
-        self.config: VtaConfig = driver.config
+    DRAM addresses are whatever the given buffers say: physical addresses for a device's buffers
+    (``CommandQueue``), offsets into an arena for programs compiled ahead of time (``vta.lower``).
+    """
+
+    def __init__(self, config: VtaConfig) -> None:
+        self.config = config
         self._reset()
 
     def _reset(self) -> None:
@@ -78,10 +81,6 @@ class CommandQueue:
         self._uop_loads: list[int] = []  # instructions whose dram_base is an image offset
 
     # -- memory ---------------------------------------------------------------------------------
-
-    def alloc(self, nbytes: int, mem: MemId) -> DeviceBuffer:
-        """Device memory for ``mem`` elements, aligned to the element size as DMA needs."""
-        return self.driver.alloc(nbytes, self.config.elem_bytes(mem))
 
     def _dram_base(
         self, mem: MemId, buffer: DeviceBuffer, elem_offset: int, x: int, y: int, stride: int
@@ -268,12 +267,18 @@ class CommandQueue:
             self._pending[insn.stage] = (False, False)
         self._insns.append(insn)
 
-    # -- running ----------------------------------------------------------------------------------
+    # -- finishing --------------------------------------------------------------------------------
 
-    def synchronize(self, timeout_s: float = 30.0) -> list[Insn]:
-        """End the stream with FINISH after every load and store, run it, start a new one.
+    @property
+    def uops(self) -> tuple[Uop, ...]:
+        """The micro-op image the stream loads from; it must sit in DRAM at ``build``'s base."""
+        return tuple(self._uops)
 
-        Returns the instructions that ran (with micro-op addresses resolved).
+    def build(self, uop_base: int) -> list[Insn]:
+        """End the stream with FINISH after every load and store, and start a new one.
+
+        ``uop_base`` is where the micro-op image (``uops``, read it first) lies in DRAM, in
+        micro-op elements; every micro-op load is resolved against it.
         """
         self.dep_push(Stage.STORE, Stage.COMPUTE)
         self.dep_push(Stage.LOAD, Stage.COMPUTE)
@@ -281,23 +286,47 @@ class CommandQueue:
         self.dep_pop(Stage.LOAD, Stage.COMPUTE)
         self._commit_pending(Stage.COMPUTE)
         self._insns.append(FinishInsn())
+        insns = self._insns
+        for i in self._uop_loads:
+            insn = insns[i]
+            assert isinstance(insn, MemInsn)
+            insns[i] = dataclasses.replace(insn, dram_base=uop_base + insn.dram_base)
+        self._reset()
+        return insns
+
+
+class CommandQueue(ProgramBuilder):
+    """Builds one instruction stream at a time for a driver's device and runs it."""
+
+    def __init__(self, driver: Driver) -> None:
+        super().__init__(driver.config)
+        self.driver = driver
+
+    def alloc(self, nbytes: int, mem: MemId) -> DeviceBuffer:
+        """Device memory for ``mem`` elements, aligned to the element size as DMA needs."""
+        return self.driver.alloc(nbytes, self.config.elem_bytes(mem))
+
+    def synchronize(self, timeout_s: float = 30.0) -> list[Insn]:
+        """Finish the stream (``build``), run it, and start a new one.
+
+        Returns the instructions that ran (with micro-op addresses resolved).
+        """
         driver, buffers = self.driver, []
         try:
-            if self._uops:
-                uop_buffer = self.alloc(len(self._uops) * isa.UOP_BYTES, MemId.UOP)
+            uops = self.uops
+            uop_base = 0
+            if uops:
+                uop_buffer = self.alloc(len(uops) * isa.UOP_BYTES, MemId.UOP)
                 buffers.append(uop_buffer)
-                driver.copy_in(uop_buffer, isa.encode_uops(self._uops, self.config))
-                base = uop_buffer.addr // isa.UOP_BYTES
-                for i in self._uop_loads:
-                    insn = self._insns[i]
-                    assert isinstance(insn, MemInsn)
-                    self._insns[i] = dataclasses.replace(insn, dram_base=base + insn.dram_base)
-            stream = isa.encode_program(self._insns, self.config)
+                driver.copy_in(uop_buffer, isa.encode_uops(uops, self.config))
+                uop_base = uop_buffer.addr // isa.UOP_BYTES
+            insns = self.build(uop_base)
+            stream = isa.encode_program(insns, self.config)
             program = driver.alloc(len(stream), isa.INSN_BYTES)
             buffers.append(program)
             driver.copy_in(program, stream)
-            driver.run(program, len(self._insns), timeout_s)
-            return self._insns
+            driver.run(program, len(insns), timeout_s)
+            return insns
         finally:
             for buffer in buffers:
                 driver.free(buffer)

@@ -1,0 +1,77 @@
+"""A numpy integer reference for the layers ``vta.lower`` compiles, and a way to run them.
+
+The reference does the arithmetic the layer means, straight: im2col and an exact float64
+product (every partial sum is an integer far below 2**53), the residual times ``2**k``, the
+bias with the rounding constant, an arithmetic shift and the clip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from vta.config import VtaConfig
+from vta.drivers.sim import SimDriver
+from vta.engine import LayerRunner
+from vta.lower import (
+    ConvSpec,
+    LoweredLayer,
+    blocks,
+    pack_activation,
+    requantize_bias,
+    unpack_activation,
+)
+
+
+def reference(
+    spec: ConvSpec,
+    x: NDArray[np.int8],
+    w: NDArray[np.int8],
+    bias: NDArray[np.int32] | None,
+    residual: NDArray[np.int8] | None = None,
+) -> NDArray[np.int8]:
+    """(C, H, W) int8 in, (O, OH, OW) int8 out."""
+    kh, kw = spec.kernel
+    sh, sw = spec.stride
+    top, left, bottom, right = spec.padding
+    oh, ow = spec.out_height, spec.out_width
+    padded = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right)))
+    cols = np.stack(
+        [
+            padded[:, y : y + (oh - 1) * sh + 1 : sh, z : z + (ow - 1) * sw + 1 : sw]
+            for y in range(kh)
+            for z in range(kw)
+        ],
+        axis=1,
+    )  # (C, KH*KW, OH, OW)
+    acc = (w.astype(np.float64).reshape(spec.out_channels, -1) @ cols.reshape(-1, oh * ow)).astype(
+        np.int64
+    )
+    acc = acc.reshape(spec.out_channels, oh, ow)
+    if residual is not None:
+        assert spec.residual_shift is not None
+        acc += residual.astype(np.int64) << spec.residual_shift
+    acc += requantize_bias(bias, spec, VtaConfig())[: spec.out_channels, None, None]
+    shifted = acc >> spec.shift if spec.shift >= 0 else acc << -spec.shift
+    return np.clip(shifted, *spec.clip).astype(np.int8)
+
+
+def run_on_simulator(
+    layer: LoweredLayer,
+    x: NDArray[np.int8],
+    residual: NDArray[np.int8] | None = None,
+    cfg: VtaConfig | None = None,
+) -> tuple[NDArray[np.int8], SimDriver]:
+    """Upload the layer to a fresh HLS-mode simulator, run it once, unpack the output."""
+    cfg = cfg or VtaConfig()
+    spec = layer.spec
+    driver = SimDriver(cfg, hls=True)
+    runner = LayerRunner(driver, layer)
+    inputs = [pack_activation(x, cfg)]
+    if residual is not None:
+        inputs.append(pack_activation(residual, cfg))
+    out = np.zeros(
+        (blocks(spec.out_channels, cfg), spec.out_height, spec.out_width, cfg.block), np.int8
+    )
+    runner.run(inputs, out)
+    return unpack_activation(out, spec.out_channels), driver
