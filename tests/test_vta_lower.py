@@ -87,6 +87,16 @@ def test_residual_add_on_the_accumulator(k, image):
     check(spec, seed=k + h)
 
 
+@pytest.mark.parametrize("pre_shift", [1, 3, 8])
+def test_residual_after_a_partial_shift(pre_shift):
+    """A residual much coarser than the accumulators joins them half-way through the shift."""
+    spec = ConvSpec(
+        40, 24, 7, 7, (3, 3), (1, 1), (1, 1, 1, 1), shift=12, pre_shift=pre_shift,
+        residual_shift=2, clip=(0, 127),
+    )  # fmt: skip
+    check(spec, seed=pre_shift)
+
+
 @pytest.mark.parametrize("shift", [-3, 0, 1, 15, 16, 23, 30])
 def test_shifts_beyond_the_alu_range_are_split(shift):
     check(ConvSpec(16, 16, 4, 4, (3, 3), padding=(1, 1, 1, 1), shift=shift), seed=shift + 50)
@@ -125,6 +135,10 @@ def test_bad_layers_are_refused_with_the_reason():
         ConvSpec(16, 16, 8, 8, (3, 3), padding=(16, 0, 0, 0))
     with pytest.raises(LoweringError, match="residual"):
         ConvSpec(16, 16, 8, 8, residual_shift=7)
+    with pytest.raises(LoweringError, match="pre-shift"):
+        ConvSpec(16, 16, 8, 8, shift=4, pre_shift=2)
+    with pytest.raises(LoweringError, match="16-bit"):
+        ConvSpec(16, 16, 8, 8, shift=20, pre_shift=2, residual_shift=0)
     with pytest.raises(LoweringError, match="weights of shape"):
         lower(ConvSpec(16, 16, 8, 8), np.zeros((16, 16, 3, 3), np.int8), None, CFG)
     with pytest.raises(LoweringError, match="divide"):

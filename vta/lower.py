@@ -5,7 +5,9 @@ A layer is a 2-D convolution of a batch-1 int8 activation with int8 weights (a d
 rounding constant folded in, an arithmetic shift (the power-of-two requantization), and a clip
 (MIN then MAX) that is also the ReLU. A residual input may be added to the accumulators first:
 it is loaded like an activation and multiplied by ``2**residual_shift`` on the identity matrix in
-the GEMM core, so the whole block stays on the accelerator.
+the GEMM core, so the whole block stays on the accelerator. When the residual's scale is much
+coarser than the accumulator's, the accumulators are first shifted part of the way
+(``pre_shift``, rounded), the residual added at that scale, and the rest of the shift follows.
 
 Layouts are those of VTA-ISA.md section 5 with channels zero-padded to the block. The program
 works in one DRAM *arena*: constants first (micro-ops, packed weights, biases, the identity
@@ -72,6 +74,8 @@ class ConvSpec:
     clip: tuple[int, int] = (-127, 127)
     residual_shift: int | None = None
     """When set, a residual int8 input of the output's shape is added as ``r * 2**shift``."""
+    pre_shift: int = 0
+    """With a residual: the part of ``shift`` done before the residual is added."""
 
     def __post_init__(self) -> None:
         kh, kw = self.kernel
@@ -90,6 +94,15 @@ class ConvSpec:
             raise LoweringError(
                 f"residual shift {self.residual_shift}: the identity weight 2**k is int8, so k "
                 "must be 0..6; add the residual on the CPU"
+            )
+        if self.pre_shift and (self.residual_shift is None or not 0 < self.pre_shift <= 31):
+            raise LoweringError(f"pre-shift {self.pre_shift}: needs a residual and 1..31")
+        if not -31 <= self.shift <= 31:
+            raise LoweringError(f"shift {self.shift}: must lie within -31..31")
+        if self.pre_shift and self.shift - self.pre_shift > SHIFT_RANGE[1]:
+            raise LoweringError(
+                f"shift {self.shift} after a pre-shift of {self.pre_shift}: the rest rounds with "
+                f"a 16-bit immediate, so it must be at most {SHIFT_RANGE[1]}"
             )
 
     @property
@@ -407,12 +420,13 @@ class _Arena:
 def requantize_bias(
     bias: NDArray[np.int32] | None, spec: ConvSpec, cfg: VtaConfig
 ) -> NDArray[np.int32]:
-    """Per-channel accumulator offsets: the bias plus the rounding constant of the shift."""
+    """Per-channel accumulator offsets: the bias plus the rounding constant of the first shift."""
     out = np.zeros(blocks(spec.out_channels, cfg) * cfg.block, np.int64)
     if bias is not None:
         out[: spec.out_channels] = bias
-    if spec.shift > 0:
-        out += 1 << (spec.shift - 1)
+    first = spec.pre_shift if spec.pre_shift else spec.shift
+    if first > 0:
+        out += 1 << (first - 1)
     if np.abs(out).max(initial=0) >= 1 << 31:
         raise LoweringError("a bias does not fit the 32-bit accumulators")
     return out.astype(np.int32)
@@ -547,6 +561,7 @@ class _Emitter:
                 self._compute(q.gemm, _gemm_kernel(spec, t, rows, cols, acc, inp, wgt, sram), step)
                 step += 1
             if residual:
+                self._requantize(acc, npos, oc0, spec.pre_shift)
                 half = step % 2
                 inp = half * sram.inp_half
                 if step >= 2:
@@ -558,7 +573,16 @@ class _Emitter:
                     )  # fmt: skip
                 self._compute(q.gemm, _residual_kernel(t, npos, acc, inp, sram), step)
                 step += 1
-            self._epilogue(acc, npos, oc0)
+            if residual:
+                rest = spec.shift - spec.pre_shift
+                if spec.pre_shift and rest > 0:
+                    q.alu(_tile_kernel(t, npos, acc, acc, 0), AluOp.ADD, 1 << (rest - 1))
+                self._requantize(acc, npos, None, rest)
+            else:
+                self._requantize(acc, npos, oc0, spec.shift)
+            lo, hi = spec.clip
+            q.alu(_tile_kernel(t, npos, acc, acc, 0), AluOp.MIN, hi)
+            q.alu(_tile_kernel(t, npos, acc, acc, 0), AluOp.MAX, lo)
             q.dep_push(Stage.COMPUTE, Stage.STORE)
             q.dep_pop(Stage.COMPUTE, Stage.STORE)
             for offset, sram_base, x, y, stride in self._blocks(oc0, y0, x0, rows, cols, acc):
@@ -620,16 +644,14 @@ class _Emitter:
                 pad=(pad_top, pad_bottom, pad_left, pad_right),
             )  # fmt: skip
 
-    def _epilogue(self, acc: int, npos: int, oc0: int) -> None:
-        """Bias (with the rounding constant), the shift, the clip: all on the ALU."""
-        q, spec, t = self.q, self.spec, self.t
-        q.alu(_tile_kernel(t, npos, acc, self.sram.bias + oc0, 1), AluOp.ADD)
-        same = _tile_kernel(t, npos, acc, acc, 0)
-        for amount in _shifts(spec.shift):
-            q.alu(same, AluOp.SHR, amount)
-        lo, hi = spec.clip
-        q.alu(same, AluOp.MIN, hi)
-        q.alu(same, AluOp.MAX, lo)
+    def _requantize(self, acc: int, npos: int, bias_block: int | None, shift: int) -> None:
+        """Add the biases of the tile's blocks (with the rounding constant) when
+        ``bias_block`` is given, then shift, on the ALU."""
+        q, t = self.q, self.t
+        if bias_block is not None:
+            q.alu(_tile_kernel(t, npos, acc, self.sram.bias + bias_block, 1), AluOp.ADD)
+        for amount in _shifts(shift):
+            q.alu(_tile_kernel(t, npos, acc, acc, 0), AluOp.SHR, amount)
 
 
 def _shifts(total: int) -> list[int]:

@@ -48,12 +48,21 @@ def reference(
         np.int64
     )
     acc = acc.reshape(spec.out_channels, oh, ow)
+    acc += requantize_bias(bias, spec, VtaConfig())[: spec.out_channels, None, None]
+    shift = spec.shift
     if residual is not None:
         assert spec.residual_shift is not None
+        acc = shift_right(acc, spec.pre_shift)
         acc += residual.astype(np.int64) << spec.residual_shift
-    acc += requantize_bias(bias, spec, VtaConfig())[: spec.out_channels, None, None]
-    shifted = acc >> spec.shift if spec.shift >= 0 else acc << -spec.shift
-    return np.clip(shifted, *spec.clip).astype(np.int8)
+        shift -= spec.pre_shift
+        if spec.pre_shift and shift > 0:
+            acc += 1 << (shift - 1)
+    return np.clip(shift_right(acc, shift), *spec.clip).astype(np.int8)
+
+
+def shift_right(acc: NDArray[np.int64], shift: int) -> NDArray[np.int64]:
+    """Arithmetic shift; a negative amount shifts left."""
+    return acc >> shift if shift >= 0 else acc << -shift
 
 
 def run_on_simulator(
