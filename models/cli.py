@@ -48,6 +48,11 @@ def cmd_targets(args: argparse.Namespace, config: Config) -> int:
     print(f"\n{'board':9} {'target':8} {'mcpu':12} description")
     for board in targets.BOARDS.values():
         print(f"{board.name:9} {board.target:8} {board.mcpu:12} {board.description}")
+    print(
+        f"\n--target {targets.VTA_TARGET} --board {targets.VTA_SIM_BOARD}|BOARD: int8 conv2d and "
+        f"dense layers on VTA, the rest for the board's CPU ({targets.VTA_SIM_BOARD}: this host, "
+        "the simulator standing in for the FPGA)"
+    )
     return 0
 
 
@@ -61,6 +66,7 @@ def cmd_compile(args: argparse.Namespace, config: Config) -> int:
         name=args.name,
         version=args.model_version,
         inputs=args.inputs,
+        calibration=args.calibration,
     )
     result = compile_model(
         request,
@@ -308,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default="1", help="model version (default: 1)")
     p.add_argument(
         "--inputs", type=Path, help=".npz with golden inputs named like the model's inputs"
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help="--target vta: .npz of representative input batches, named like the inputs; "
+        "test_inputs/test_labels, when present, measure accuracy (default: --inputs)",
     )
     p.set_defaults(handler=cmd_compile)
 

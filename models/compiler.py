@@ -31,7 +31,7 @@ from agent.artifact import (
 )
 from agent.capabilities import ISA_FEATURES
 from agent.errors import BoostError
-from models import targets, tvm_backend
+from models import targets, tvm_backend, vta_build
 from models.progress import Progress
 from models.tuning import TuningDatabase, TuningKey
 
@@ -53,6 +53,7 @@ class CompileRequest:
     name: str | None = None
     version: str = "1"
     inputs: Path | None = None
+    calibration: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -98,16 +99,20 @@ def input_specs(model: onnx.ModelProto, origin: str) -> list[TensorSpec]:
     return specs
 
 
+def read_npz(source: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as err:
+        raise BoostError(f"{source}: not a readable .npz file ({err})") from err
+
+
 def golden_inputs(specs: list[TensorSpec], source: Path | None, seed: str) -> dict[str, np.ndarray]:
     """One input per spec: from ``source`` (.npz, first sample of a batch) or seeded random."""
     if source is None:
         rng = np.random.default_rng(int(seed[:16], 16))
         return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in specs}
-    try:
-        with np.load(source, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as err:
-        raise BoostError(f"{source}: not a readable .npz file ({err})") from err
+    arrays = read_npz(source)
     out = {}
     for spec in specs:
         if spec.name not in arrays:
@@ -149,6 +154,9 @@ def compile_model(
     specs = input_specs(model, str(request.model))
     name = request.name or request.model.stem
     feeds = golden_inputs(specs, request.inputs, digest)
+    calibration = None
+    if spec.accelerator:
+        calibration = vta_build.read_calibration(specs, request.calibration or request.inputs)
     target_dict = spec.tvm_dict()
     tuning = TuningDatabase(tuning_db)
     tuning_key = TuningKey(digest, target_dict, tvm_backend.version())
@@ -159,6 +167,13 @@ def compile_model(
         mod = tvm_backend.import_onnx(model, str(request.model))
     with tempfile.TemporaryDirectory(prefix="boost-build-") as tmp:
         work = Path(tmp)
+        files: dict[str, Path] = {}
+        vta_part = None
+        if calibration is not None:
+            with progress.stage("calibrate, quantize and lower for VTA"):
+                vta_part = vta_build.partition(mod, calibration)
+            mod = vta_part.module
+            files.update(vta_build.save(vta_part, work))
         label = f"optimize for {spec.name} ({target_dict.get('mcpu', 'generic')})"
         if existing:
             label += f", applying {existing} tuning records"
@@ -172,14 +187,23 @@ def compile_model(
             executable = tvm_backend.build(mod, target_dict)
         with progress.stage(f"export with {spec.compiler}"):
             tvm_backend.export(executable, work / LIBRARY, compiler)
-        with progress.stage("golden data (ONNX Runtime)"):
-            outputs = reference_outputs(model, feeds)
-            golden: dict[str, Any] = {f"input:{k}": v for k, v in feeds.items()}
-            golden.update({f"output:{i}": v for i, v in enumerate(outputs)})
-            np.savez(work / GOLDEN, **golden)
+        quantization = None
+        if vta_part is not None and calibration is not None:
+            # The device must reproduce what this build computes, on the simulator, not the
+            # float model: golden data and the accuracy figures come from the same run.
+            with progress.stage("golden data and accuracy (VTA simulator vs ONNX Runtime)"):
+                host = executable if spec.board == targets.VTA_SIM_BOARD else None
+                measured = vta_build.measure(model, vta_part, mod, host, feeds, calibration)
+            outputs, quantization = measured.golden_outputs, measured.quantization
+        else:
+            with progress.stage("golden data (ONNX Runtime)"):
+                outputs = reference_outputs(model, feeds)
+        golden: dict[str, Any] = {f"input:{k}": v for k, v in feeds.items()}
+        golden.update({f"output:{i}": v for i, v in enumerate(outputs)})
+        np.savez(work / GOLDEN, **golden)
         output_names = [o.name for o in model.graph.output]
         scale = max(1.0, *(float(np.abs(o).max()) for o in outputs))
-        files = {LIBRARY: work / LIBRARY, GOLDEN: work / GOLDEN}
+        files.update({LIBRARY: work / LIBRARY, GOLDEN: work / GOLDEN})
         manifest = Manifest(
             model_name=name,
             model_version=request.version,
@@ -189,7 +213,7 @@ def compile_model(
                 triple=spec.triple,
                 tvm_target=target_dict,
                 cpu_features=tvm_backend.cpu_features(target_dict, ISA_FEATURES),
-                accelerator=None,
+                accelerator=spec.accelerator or None,
             ),
             tvm_version=tvm_backend.version(),
             inputs=tuple(specs),
@@ -212,6 +236,7 @@ def compile_model(
                 "records": tuning.record_count(tuning_key),
                 "trials_this_build": request.trials,
             },
+            quantization=quantization,
         )
         out = request.output or Path(manifest.file_name)
         out.parent.mkdir(parents=True, exist_ok=True)

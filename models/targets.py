@@ -37,6 +37,8 @@ class TargetSpec:
     mcpu: str = ""
     cores: int = 0
     board: str = ""
+    accelerator: str = ""
+    """``vta:<design>`` when layers run on VTA; the rest is built for the board's CPU."""
 
     def tvm_dict(self) -> dict[str, Any]:
         """The TVM dict target for this spec (host mcpu and cores filled in for x86_64)."""
@@ -104,11 +106,36 @@ BOARDS: dict[str, Board] = {
 }
 
 
+#: ``--target vta``: the board whose CPU runs what VTA does not; ``sim`` is this build host.
+VTA_TARGET = "vta"
+VTA_SIM_BOARD = "sim"
+
+
 def resolve(name: str, board: str | None = None) -> TargetSpec:
     """The named target, specialised for a board when one is given."""
+    if name == VTA_TARGET:
+        from vta.config import VtaConfig
+
+        chosen = board or VTA_SIM_BOARD
+        if chosen == VTA_SIM_BOARD:
+            host = resolve("x86_64")
+        elif chosen in BOARDS:
+            host = resolve(BOARDS[chosen].target, chosen)
+        else:
+            raise BoostError(
+                f"unknown board {chosen!r} for --target vta; known: {VTA_SIM_BOARD} (this host "
+                f"with the simulator), {', '.join(BOARDS)}"
+            )
+        return replace(
+            host,
+            name=VTA_TARGET,
+            description=f"VTA {VtaConfig().bitstream_id} with the {chosen} host CPU",
+            board=chosen,
+            accelerator=f"vta:{VtaConfig().bitstream_id}",
+        )
     if name not in TARGETS:
         raise BoostError(
-            f"unknown target {name!r}; known targets: {', '.join(TARGETS)} "
+            f"unknown target {name!r}; known targets: {', '.join(TARGETS)}, {VTA_TARGET} "
             "(see 'boost-build targets')"
         )
     spec = TARGETS[name]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,7 +209,7 @@ def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
             item = graph.only_user(user)
             if any(p is None for p in params) or item is None or int(call.attrs.axis) != 1:
                 break
-            gamma, beta, mean, variance = (np.asarray(p, np.float64) for p in params)  # type: ignore[arg-type]
+            gamma, beta, mean, variance = (np.asarray(p, np.float64) for p in params)
             scale = gamma / np.sqrt(variance + float(call.attrs.epsilon))
             layer.weight = layer.weight * scale[:, None, None, None]
             layer.bias = (layer.bias - mean) * scale + beta
@@ -290,10 +290,9 @@ def settle(layer: Layer, exps: dict[Any, int], cfg: VtaConfig) -> tuple[np.ndarr
         fused = _residual_shifts(exps[layer.residual] - e_acc, exps[_final(layer)] - e_acc)
         if fused is not None:
             (residual_shift, pre_shift), end = fused, layer.residual_end
-            # Otherwise the add (and any ReLU after it) stays on the CPU.
-    if end is not layer.before_residual or layer.residual is None:
-        if layer.relu_end is not None:
-            end, relu = layer.relu_end, True
+    # Without a fused residual the add (and any ReLU after it) stays on the CPU.
+    if layer.relu_end is not None and (layer.residual is None or residual_shift is not None):
+        end, relu = layer.relu_end, True
     e_y = exps[end]
     shape = layer.attrs["shape"]
     kh, kw = layer.weight.shape[2:]
@@ -490,7 +489,6 @@ def partition(
     host_target: dict[str, Any],
     cfg: VtaConfig,
     build_id: str,
-    on_layer: Callable[[int, int], None] | None = None,
 ) -> Partition:
     """Quantize, cut out and lower every layer VTA can run; the rest stays float for the CPU."""
     from tvm import relax
@@ -506,12 +504,10 @@ def partition(
     ranges = calibrate(mod, boundary_vars(layers), samples, host_target)
     exps = {var: exponent(value) for var, value in ranges.items()}
     lowered: list[LoweredLayer] = []
-    for index, layer in enumerate(layers):
+    for layer in layers:
         wq, bq = settle(layer, exps, cfg)
         assert layer.spec is not None
         lowered.append(lower(layer.spec, wq, bq, cfg))
-        if on_layer is not None:
-            on_layer(index + 1, len(layers))
     bundle = Bundle(build_id, cfg, tuple(lowered))
     module = _rewrite(mod, layers, [bundle.key(i) for i in range(len(layers))], cfg)
     report = {
