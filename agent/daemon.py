@@ -42,7 +42,7 @@ from agent.protocol import (
     now,
     parse_command,
 )
-from agent.registry import Registry, UnknownModelError
+from agent.registry import Registry, UnknownModelError, open_vta
 from agent.runtime import InferenceInputError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Agent:
             check_name("group", group)
         mqtt.BrokerAddress.parse(config.mqtt.url)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.registry = Registry(config, self._on_evict)
+        self.registry = Registry(config, self._on_evict, open_vta(config.backends))
         self.deployer = Deployer(self.registry, config, self.capabilities)
         self.metrics = Metrics()
         self.stopping = threading.Event()

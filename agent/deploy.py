@@ -304,7 +304,7 @@ class Deployer:
         if digest is not None:
             with self.registry.lock:
                 if digest not in self.registry.state.protected():
-                    self.registry.ram.drop(digest)
+                    self.registry.unload(digest)
         final = deployment.enter(
             phase, failure.message, error={"code": failure.code, "message": failure.message}
         )

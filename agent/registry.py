@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.artifact import VerifiedArtifact, load_public_key, verify_unpacked
 from agent.cache import DiskCache, Eviction, LfuAging, ModuleCache
@@ -21,7 +21,28 @@ from agent.errors import BoostError
 from agent.runtime import LoadedModel, TvmRuntime
 from agent.state import DeviceState, ModelSlot
 
+if TYPE_CHECKING:
+    from vta.engine import VtaEngine
+
 log = logging.getLogger(__name__)
+
+
+def open_vta(backends: Sequence[str]) -> VtaEngine | None:
+    """The VTA engine behind ``boost.vta.layer``: the first enabled backend with a driver.
+
+    The simulator is the only VTA driver so far; FPGA and serial drivers come with the firmware
+    work, and until then a board with an FPGA serves VTA builds from the simulator.
+    """
+    if "vta-sim" not in backends:
+        return None
+    from vta.config import VtaConfig
+    from vta.drivers.sim import SimDriver
+    from vta.engine import VtaEngine, register
+
+    engine = VtaEngine(SimDriver(VtaConfig(), hls=True))
+    register(engine)
+    log.info("VTA layers run on the simulator (design %s)", engine.design)
+    return engine
 
 
 class UnknownModelError(BoostError):
@@ -41,10 +62,13 @@ class Registry:
         self,
         config: AgentConfig,
         on_evict: Callable[[Eviction], None],
+        vta: VtaEngine | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.on_evict = on_evict
+        self.vta = vta
+        self._vta_builds: dict[str, str] = {}  # digest -> build id of the layers on the device
         self.lock = threading.RLock()
         self.state = DeviceState.load(config.state_dir / "state.json")
         policy = LfuAging(config.cache.half_life_s)
@@ -84,16 +108,51 @@ class Registry:
         start = time.monotonic()
         verified = verify_unpacked(root, self.trusted)
         manifest = verified.manifest
-        model = self.runtime.load(
-            verified.path(manifest.library), manifest.inputs, manifest.outputs
-        )
+        resident = {manifest.library}
+        if manifest.target.accelerator:
+            resident |= self._upload_vta(digest, verified)
+        try:
+            model = self.runtime.load(
+                verified.path(manifest.library), manifest.inputs, manifest.outputs
+            )
+        except BoostError:
+            self._release(digest)
+            raise
         loaded = Loaded(model, verified, digest, time.monotonic() - start)
-        size = next(f.size for f in manifest.files if f.path == manifest.library)
+        size = sum(f.size for f in manifest.files if f.path in resident)
         with self.lock:
             evictions = self.ram.put(digest, loaded, size, self.state.protected())
         for eviction in evictions:
+            self._release(eviction.digest)
             self.on_evict(eviction)
         return loaded
+
+    def _upload_vta(self, digest: str, verified: VerifiedArtifact) -> set[str]:
+        """Put the artifact's VTA layers on the device; returns the files they came from."""
+        from vta.bundle import BLOB, INDEX, Bundle
+
+        needed = verified.manifest.target.accelerator
+        if self.vta is None or needed != f"vta:{self.vta.design}":
+            have = f"vta:{self.vta.design}" if self.vta is not None else "none enabled"
+            raise BoostError(f"the build needs accelerator {needed}; this agent has {have}")
+        bundle = Bundle.load(verified.path(INDEX).parent)
+        self.vta.add(bundle)
+        with self.lock:
+            self._vta_builds[digest] = bundle.build_id
+        return {INDEX, BLOB}
+
+    def unload(self, digest: str) -> None:
+        """Take a module out of memory (it stays in the disk cache)."""
+        with self.lock:
+            self.ram.drop(digest)
+        self._release(digest)
+
+    def _release(self, digest: str) -> None:
+        """Free the device memory of a module that left the RAM tier."""
+        with self.lock:
+            build_id = self._vta_builds.pop(digest, None)
+        if build_id is not None and self.vta is not None:
+            self.vta.remove(build_id)
 
     def active(self, name: str) -> Loaded:
         with self.lock:
@@ -110,7 +169,7 @@ class Registry:
     def make_room(self, need: int, keep: str) -> None:
         with self.lock:
             for eviction in self.disk.make_room(need, self.state.protected() | {keep}):
-                self.ram.drop(eviction.digest)
+                self.unload(eviction.digest)
                 self.on_evict(eviction)
 
     def evict(self, digest: str) -> Eviction:
@@ -121,7 +180,7 @@ class Registry:
                 )
             if digest not in self.disk.entries:
                 raise BoostError(f"{digest[:12]} is not in the cache")
-            self.ram.drop(digest)
+            self.unload(digest)
             eviction = self.disk.remove(digest, "requested")
             self.on_evict(eviction)
             return eviction

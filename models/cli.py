@@ -281,10 +281,7 @@ def cmd_zoo_export(args: argparse.Namespace, config: Config) -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     onnx_path, inputs_path = args.dir / f"{model.name}.onnx", args.dir / f"{model.name}.npz"
     model.save(str(onnx_path))
-    arrays: dict[str, Any] = dict(model.sample_inputs)
-    if model.test_set is not None:
-        arrays["test_inputs"], arrays["test_labels"] = model.test_set
-    np.savez(inputs_path, **arrays)
+    model.save_inputs(str(inputs_path))
     print(f"{onnx_path}\n{inputs_path}")
     return 0
 

@@ -6,17 +6,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.artifact import generate_keypair
+from agent.config import BuildConfig, MqttConfig
 from models import zoo
+from models.broker import LocalBroker, free_port
 from models.compiler import CompileRequest, compile_model
+from models.fleet import Fleet
 from models.progress import Progress
+from tests.support.fleet import AgentProcess, CountingStore, Watcher
 
 REPO = Path(__file__).resolve().parent.parent
+Keys = tuple[Path, Path]
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +38,15 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def zoo_model(zoo_dir: Path) -> Callable[[str], Path]:
-    """Export a zoo model to ONNX once per session; returns its path."""
+    """Export a zoo model to ONNX (and its inputs to the .npz beside it) once per session;
+    returns the ONNX path."""
 
     def export(name: str) -> Path:
         path = zoo_dir / f"{name}.onnx"
         if not path.exists():
-            zoo.get(name).save(str(path))
+            model = zoo.get(name)
+            model.save(str(path))
+            model.save_inputs(str(path.with_suffix(".npz")))
         return path
 
     return export
@@ -67,13 +75,15 @@ def build(
         key = (name, target, board, as_name, version)
         if key not in cache:
             label = f"{as_name or name}-{version}-{target}-{board or 'default'}"
+            source = zoo_model(name)
             request = CompileRequest(
-                model=zoo_model(name),
+                model=source,
                 target=target,
                 board=board,
                 output=out_dir / f"{label}.boost",
                 name=as_name,
                 version=version,
+                calibration=source.with_suffix(".npz") if target == "vta" else None,
             )
             cache[key] = compile_model(
                 request, tuning, keys[0], "test-builder", Progress(False)
@@ -98,3 +108,54 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+# -- the deploy loop's moving parts, fresh for each test ----------------------------------
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    with LocalBroker(free_port(), tmp_path / "broker") as running:
+        yield running
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CountingStore]:
+    server = CountingStore(tmp_path / "store")
+    server.start_background()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def watcher(broker: LocalBroker) -> Iterator[Watcher]:
+    w = Watcher(broker.url)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def agents(
+    tmp_path: Path, broker: LocalBroker, store: CountingStore, keys: Keys
+) -> Iterator[Callable[..., AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    def start(device: str = "dev1", extra: str = "", protocol: str = "5") -> AgentProcess:
+        agent = AgentProcess(
+            tmp_path / device, device, broker.url, store.url, keys[1], extra, protocol
+        )
+        started.append(agent.start())
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.process is not None:
+            agent.process.kill()
+            agent.process.wait()
+
+
+@pytest.fixture
+def fleet(broker: LocalBroker) -> Iterator[Fleet]:
+    with Fleet(BuildConfig(mqtt=MqttConfig(url=broker.url))) as f:
+        yield f

@@ -6,87 +6,28 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.artifact import Manifest, TargetInfo, generate_keypair, read_manifest
 from agent.config import BuildConfig, MqttConfig
 from agent.protocol import decode_tensor, deploy_command, device_topic, dumps, group_topic
-from models.broker import LocalBroker, free_port
-from models.fleet import Fleet, Outcome, decode_outputs
-from tests.support.fleet import AgentProcess, CountingStore, Watcher, golden, resign
+from models.broker import LocalBroker
+from models.fleet import Fleet, decode_outputs
+from tests.support.fleet import (
+    AgentProcess,
+    CountingStore,
+    Watcher,
+    deploy,
+    golden,
+    online,
+    resign,
+)
 
 Keys = tuple[Path, Path]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    with LocalBroker(free_port(), tmp_path / "broker") as running:
-        yield running
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[CountingStore]:
-    server = CountingStore(tmp_path / "store")
-    server.start_background()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def watcher(broker: LocalBroker) -> Iterator[Watcher]:
-    w = Watcher(broker.url)
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def agents(
-    tmp_path: Path, broker: LocalBroker, store: CountingStore, keys: Keys
-) -> Iterator[Callable[..., AgentProcess]]:
-    started: list[AgentProcess] = []
-
-    def start(device: str = "dev1", extra: str = "", protocol: str = "5") -> AgentProcess:
-        agent = AgentProcess(
-            tmp_path / device, device, broker.url, store.url, keys[1], extra, protocol
-        )
-        started.append(agent.start())
-        return agent
-
-    yield start
-    for agent in started:
-        if agent.process is not None:
-            agent.process.kill()
-            agent.process.wait()
-
-
-@pytest.fixture
-def fleet(broker: LocalBroker) -> Iterator[Fleet]:
-    with Fleet(BuildConfig(mqtt=MqttConfig(url=broker.url))) as f:
-        yield f
-
-
-def deploy(
-    fleet: Fleet, store: CountingStore, artifact: Path, selector: str = "dev1", pin: bool = False
-) -> list[Outcome]:
-    url, digest, size = store.publish(artifact)
-    manifest, signature = read_manifest(artifact)
-    targets = fleet.select(selector)
-    return fleet.deploy(
-        manifest, signature, url, digest, size, targets, lambda d, e: None, 120, pin
-    )
-
-
-def online(watcher: Watcher, agent: AgentProcess, after: int = 0) -> int:
-    try:
-        return watcher.state(agent.device, True, after)
-    except AssertionError:
-        raise AssertionError(agent.log_text()) from None
 
 
 def test_deploy_infer_redeploy_upgrade_and_rollback(

@@ -1,8 +1,10 @@
-"""``python -m vta disasm PROGRAM`` and ``python -m vta sim PROGRAM --dram IMAGE -o OUT``.
+"""``python -m vta disasm PROGRAM|ARTIFACT`` and ``python -m vta sim PROGRAM --dram IMAGE -o OUT``.
 
 A program file is raw little-endian 128-bit instructions; a DRAM image is a raw byte file whose
 byte offset is the physical address. Both commands take ``--config VTA_CONFIG.json`` (default:
-the published ``1x16_i8w8a32_15_15_18_17`` design).
+the published ``1x16_i8w8a32_15_15_18_17`` design). ``disasm`` also reads a ``.boost`` artifact
+built ``--target vta`` and prints the program of every layer (or of ``--layer N``), in the
+design the artifact names, with arena-relative DRAM addresses.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import numpy as np
 
 from vta import config as vta_config
 from vta import isa
+from vta.bundle import BLOB, INDEX, Bundle
 from vta.errors import VtaError
 from vta.sim import Dram, Simulator
 
@@ -29,11 +34,47 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def cmd_disasm(args: argparse.Namespace) -> int:
+    if tarfile.is_tarfile(args.program):
+        return _disasm_artifact(args.program, args.layer)
     cfg = vta_config.load(args.config)
     insns = isa.decode_program(_read(args.program, "program"), cfg)
     print(f"# {len(insns)} instructions, design {cfg.bitstream_id}")
     for line in isa.disassemble_program(insns, cfg):
         print(line)
+    return 0
+
+
+def _disasm_artifact(path: Path, only: int | None) -> int:
+    with tempfile.TemporaryDirectory(prefix="vta-disasm-") as tmp:
+        try:
+            with tarfile.open(path) as tar:
+                for name in (INDEX, BLOB):
+                    member = tar.extractfile(name)
+                    if member is None:
+                        raise KeyError(name)
+                    (Path(tmp) / name).write_bytes(member.read())
+        except KeyError as err:
+            raise VtaError(f"{path}: no {err.args[0]}: not an artifact built --target vta") from err
+        except (OSError, tarfile.TarError) as err:
+            raise VtaError(f"{path}: cannot read the artifact: {err}") from err
+        bundle = Bundle.load(Path(tmp))
+    layers = list(enumerate(bundle.layers))
+    if only is not None:
+        if not 0 <= only < len(layers):
+            raise VtaError(f"--layer {only}: the artifact has layers 0..{len(layers) - 1}")
+        layers = [layers[only]]
+    for index, layer in layers:
+        spec, t = layer.spec, layer.tiling
+        kind = "dense" if (spec.height, spec.width, spec.kernel) == (1, 1, (1, 1)) else "conv2d"
+        print(
+            f"# layer {index}: {kind} {spec.in_channels}->{spec.out_channels} "
+            f"{spec.height}x{spec.width} kernel {spec.kernel[0]}x{spec.kernel[1]} stride "
+            f"{spec.stride[0]}, tiles of {t.oc_blocks} oc x {t.ic_blocks} ic blocks x "
+            f"{t.rows}x{t.cols}, {len(layer.insns)} instructions, {layer.uop_count} micro-ops, "
+            f"design {bundle.design}"
+        )
+        for line in isa.disassemble_program(layer.insns, bundle.config):
+            print(line)
     return 0
 
 
@@ -58,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(metavar="COMMAND")
     disasm = sub.add_parser("disasm", help="print a program readably, one instruction a line")
-    disasm.add_argument("program", type=Path)
+    disasm.add_argument("program", type=Path, help="raw program, or a .boost artifact")
+    disasm.add_argument("--layer", type=int, help="with an artifact: only this layer")
     disasm.set_defaults(handler=cmd_disasm)
     sim = sub.add_parser("sim", help="run a program against a DRAM image, write the result")
     sim.add_argument("program", type=Path)

@@ -25,11 +25,12 @@ from agent.artifact import (
     load_private_key,
     load_public_key,
     open_artifact,
+    read_manifest,
     sha256_file,
     write_artifact,
 )
 from agent.protocol import device_topic, dumps, new_request_id
-from models.fleet import FINAL_STATES
+from models.fleet import FINAL_STATES, Fleet, Outcome
 from models.store import ArtifactStore, StoreServer, _Handler
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -246,3 +247,21 @@ def resign(
     payload = {f.path: work / f.path for f in manifest.files}
     write_artifact(out, manifest, payload, load_private_key(private_key))
     return out
+
+
+def deploy(
+    fleet: Fleet, store: CountingStore, artifact: Path, selector: str = "dev1", pin: bool = False
+) -> list[Outcome]:
+    url, digest, size = store.publish(artifact)
+    manifest, signature = read_manifest(artifact)
+    targets = fleet.select(selector)
+    return fleet.deploy(
+        manifest, signature, url, digest, size, targets, lambda d, e: None, 120, pin
+    )
+
+
+def online(watcher: Watcher, agent: AgentProcess, after: int = 0) -> int:
+    try:
+        return watcher.state(agent.device, True, after)
+    except AssertionError:
+        raise AssertionError(agent.log_text()) from None

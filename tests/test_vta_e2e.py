@@ -1,0 +1,138 @@
+"""``--target vta`` end to end: real builds (quantize, partition, lower, compile), deployed over
+a real Mosquitto to agents whose VTA layers run on the simulator.
+
+The device must reproduce the build host's own simulated result bit for bit (the artifact's
+golden data is that result), and the measured agreement with the float model is recorded in the
+manifest and checked here against bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.artifact import Manifest, read_manifest
+from models.fleet import Fleet, decode_outputs
+from tests.conftest import Keys, run_cli
+from tests.support.fleet import AgentProcess, CountingStore, Watcher, deploy, golden, online
+
+VTA = "vta:1x16_i8w8a32_15_15_18_17"
+
+
+def manifest_of(artifact: Path) -> Manifest:
+    return Manifest.from_json(read_manifest(artifact)[0])
+
+
+def deploy_and_compare(
+    name: str,
+    artifact: Path,
+    agents: Callable[..., AgentProcess],
+    watcher: Watcher,
+    fleet: Fleet,
+    store: CountingStore,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    agent = agents()
+    online(watcher, agent)
+    (outcome,) = deploy(fleet, store, artifact)
+    assert outcome.state == "active", (outcome, agent.log_text())
+    inputs, expected = golden(artifact, tmp_path / "golden", keys[1])
+    reply = fleet.infer("dev1", name, inputs, 120)
+    assert reply["ok"], reply
+    (got,) = decode_outputs(reply).values()
+    assert got.dtype == expected[0].dtype and np.array_equal(got, expected[0]), (
+        f"the device's result differs from the build host's simulated result by up to "
+        f"{np.abs(got - expected[0]).max()}"
+    )
+
+
+def test_tiny_cnn_on_a_simulated_vta_device(
+    agents: Callable[..., AgentProcess],
+    watcher: Watcher,
+    fleet: Fleet,
+    store: CountingStore,
+    build: Callable[..., Path],
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    artifact = build("tiny_cnn", "vta")
+    manifest = manifest_of(artifact)
+    assert manifest.target.accelerator == VTA and manifest.target.name == "vta"
+    assert {"vta.json", "vta.bin"} <= {f.path for f in manifest.files}
+    quant = manifest.quantization
+    assert quant is not None and quant["vta"]["layers"] == 2  # the RGB stem stays on the CPU
+    agreement = quant["accuracy"]["calibration_set"]
+    assert agreement["top1_agreement"] >= 0.75
+    assert agreement["max_abs_error"] <= 0.1 * agreement["output_max_abs"]
+    deploy_and_compare("tiny_cnn", artifact, agents, watcher, fleet, store, keys, tmp_path)
+
+
+def test_vta_build_is_refused_before_download_without_the_accelerator(
+    agents: Callable[..., AgentProcess],
+    watcher: Watcher,
+    fleet: Fleet,
+    store: CountingStore,
+    build: Callable[..., Path],
+) -> None:
+    agent = agents(extra='backends = ["cpu"]')
+    online(watcher, agent)
+    caps = watcher.wait_for(lambda topic, payload: topic.endswith("dev1/caps"))
+    assert caps["accelerators"] == []
+    artifact = build("tiny_cnn", "vta")
+    # The fleet itself sends nothing to an incompatible device...
+    assert deploy(fleet, store, artifact)[0].state == "incompatible"
+    # ...and the agent refuses the command on its own before any download.
+    requests = store.requests
+    from agent.protocol import deploy_command
+
+    url, digest, size = store.publish(artifact)
+    manifest, signature = read_manifest(artifact)
+    command = deploy_command(manifest, signature, url, digest, size)
+    mark = watcher.mark()
+    watcher.send("dev1", "deploy", command)
+    answer = watcher.answer(command["request_id"], mark)
+    assert answer["state"] == "rejected" and VTA in answer["detail"], answer
+    assert store.requests == requests
+
+
+def test_real_weights_lose_at_most_one_point(build: Callable[..., Path]) -> None:
+    """digits_cnn, trained here on scikit-learn's digits: test-set accuracy float vs VTA-int8."""
+    test = manifest_of(build("digits_cnn", "vta")).quantization["accuracy"]["test_set"]  # type: ignore[index]
+    assert test["samples"] >= 400
+    assert test["float_accuracy"] >= 0.95
+    assert test["quantized_accuracy"] >= test["float_accuracy"] - 0.01, test
+
+
+def test_disassembler_reads_the_artifact(build: Callable[..., Path], tmp_path: Path) -> None:
+    artifact = build("tiny_cnn", "vta")
+    result = run_cli("vta", "disasm", str(artifact), "--layer", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("# layer 0: conv2d 16->32")
+    assert any(" GEMM " in line for line in lines) and lines[-1].split(": ")[1] == "FINISH"
+    whole = run_cli("vta", "disasm", str(artifact), cwd=tmp_path)
+    assert whole.stdout.count("# layer ") == 2
+
+
+@pytest.mark.slow
+def test_resnet18_on_a_simulated_vta_device(
+    agents: Callable[..., AgentProcess],
+    watcher: Watcher,
+    fleet: Fleet,
+    store: CountingStore,
+    build: Callable[..., Path],
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    artifact = build("resnet18", "vta")
+    quant = manifest_of(artifact).quantization
+    assert quant is not None
+    # Every convolution after the stem, residual adds included, and the classifier.
+    assert quant["vta"]["layers"] == 20
+    agreement = quant["accuracy"]["calibration_set"]
+    assert agreement["max_abs_error"] <= 0.1 * agreement["output_max_abs"], agreement
+    deploy_and_compare("resnet18", artifact, agents, watcher, fleet, store, keys, tmp_path)
