@@ -23,15 +23,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# The main job: build host keys, compile a zoo model, serve the store over HTTP with a local MQTT
-# broker, start a device agent, deploy the model to it over MQTT (download, verify, load, golden
-# test, activate) and ask the device for one inference.
+# The main job: build host keys, compile a zoo model for VTA (calibrate, quantize to int8, cut out
+# the layers VTA runs, lower them to VTA programs), serve the store over HTTP with a local MQTT
+# broker, start a device agent whose VTA is the simulator, deploy the model to it over MQTT
+# (download, verify, load, golden test, activate) and ask the device for one inference.
 demo: setup
 	@mkdir -p $(DEMO)
 	@[ -f .boost/keys/build.key ] || $(BIN)/boost-build keygen
 	$(BIN)/boost-build zoo export digits_cnn -o $(DEMO)
-	$(BIN)/boost-build compile $(DEMO)/digits_cnn.onnx --inputs $(DEMO)/digits_cnn.npz \
-		-o $(DEMO)/digits_cnn.boost
+	$(BIN)/boost-build compile $(DEMO)/digits_cnn.onnx --target vta --board sim \
+		--inputs $(DEMO)/digits_cnn.npz -o $(DEMO)/digits_cnn.boost
 	@$(BIN)/boost-build serve > $(DEMO)/serve.log 2>&1 & server=$$!; \
 	BOOST_AGENT_DEVICE_ID=demo-device $(BIN)/boost-agent start > $(DEMO)/agent.log 2>&1 & \
 	agent=$$!; \

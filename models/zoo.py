@@ -33,7 +33,7 @@ class ZooModel:
     def save_inputs(self, path: str) -> None:
         """The sample inputs (a batch per input) and, when there is one, the labelled test set
         as ``test_inputs``/``test_labels``: what ``--inputs`` and ``--calibration`` read."""
-        arrays: dict[str, np.ndarray] = dict(self.sample_inputs)
+        arrays: dict[str, Any] = dict(self.sample_inputs)
         if self.test_set is not None:
             arrays["test_inputs"], arrays["test_labels"] = self.test_set
         np.savez(path, **arrays)

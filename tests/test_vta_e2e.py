@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.artifact import Manifest, read_manifest
 from models.fleet import Fleet, decode_outputs
@@ -118,7 +117,6 @@ def test_disassembler_reads_the_artifact(build: Callable[..., Path], tmp_path: P
     assert whole.stdout.count("# layer ") == 2
 
 
-@pytest.mark.slow
 def test_resnet18_on_a_simulated_vta_device(
     agents: Callable[..., AgentProcess],
     watcher: Watcher,
