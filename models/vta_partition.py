@@ -200,7 +200,6 @@ def _head(graph: _Graph, var: Any, call: Any) -> Layer | None:
 def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
     """Absorb batch norms, bias adds, one residual add and a ReLU after the head."""
     var = layer.head
-    channel_axis = 1
     while (found := graph.only_user(var)) is not None:
         user, call = found
         op = _op(call)
@@ -220,7 +219,7 @@ def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
             other = call.args[1] if call.args[0].same_as(var) else call.args[0]
             value = _const(other, graph)
             if value is not None:
-                bias = _channel_vector(value, layer.out_channels, channel_axis, layer.dense)
+                bias = _channel_vector(value, layer.out_channels, layer.dense)
                 if bias is None:
                     break
                 layer.bias = layer.bias + bias
@@ -240,7 +239,7 @@ def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
         layer.before_residual = var
 
 
-def _channel_vector(value: np.ndarray, channels: int, axis: int, dense: bool) -> np.ndarray | None:
+def _channel_vector(value: np.ndarray, channels: int, dense: bool) -> np.ndarray | None:
     """A constant that adds one value per output channel, as a vector (None: it does not)."""
     shape = value.shape
     if dense:

@@ -11,11 +11,9 @@ that VTA executes. Figures, not tests: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +24,11 @@ from agent.runtime import TvmRuntime
 from models import zoo
 from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
+from tests.bench_vta import median_s
 from vta.bundle import Bundle
 from vta.drivers.sim import SimDriver
 from vta.engine import LayerRunner, VtaEngine, register
 from vta.lower import blocks
-
-
-def median_s(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def unpack(artifact: Path, into: Path) -> Manifest:

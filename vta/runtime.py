@@ -4,7 +4,7 @@ It follows the original runtime's rules (tvm-vta ``src/runtime.cc``): a dependen
 attached to the next instruction of the popping stage, a push to the previous instruction when
 that one belongs to the pushing stage, and otherwise a zero-sized LOAD/STORE (a no-op that only
 moves tokens) carries it. ``build`` appends the epilogue that makes FINISH wait for every store
-and load; ``CommandQueue.synchronize`` also uploads the micro-ops and the instructions and runs them.
+and load; ``CommandQueue.synchronize`` also uploads the micro-ops and instructions and runs them.
 """
 
 from __future__ import annotations
