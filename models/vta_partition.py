@@ -199,6 +199,8 @@ def _head(graph: _Graph, var: Any, call: Any) -> Layer | None:
 
 def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
     """Absorb batch norms, bias adds, one residual add and a ReLU after the head."""
+    from tvm import relax
+
     var = layer.head
     while (found := graph.only_user(var)) is not None:
         user, call = found
@@ -206,7 +208,13 @@ def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
         if op == "relax.nn.batch_norm" and call.args[0].same_as(var):
             params = [_const(arg, graph) for arg in call.args[1:5]]
             item = graph.only_user(user)
-            if any(p is None for p in params) or item is None or int(call.attrs.axis) != 1:
+            if (
+                any(p is None for p in params)
+                or item is None
+                or not isinstance(item[1], relax.TupleGetItem)
+                or int(item[1].index) != 0
+                or int(call.attrs.axis) != 1
+            ):
                 break
             gamma, beta, mean, variance = (np.asarray(p, np.float64) for p in params)
             scale = gamma / np.sqrt(variance + float(call.attrs.epsilon))
@@ -215,7 +223,7 @@ def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
             layer.internal += [var, user]
             var = item[0]
             continue
-        if op == "relax.add" and not layer.residual:
+        if op == "relax.add" and layer.residual is None:
             other = call.args[1] if call.args[0].same_as(var) else call.args[0]
             value = _const(other, graph)
             if value is not None:
@@ -226,7 +234,7 @@ def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
                 layer.internal.append(var)
                 var = user
                 continue
-            if _shape(other) == _shape(var) and user not in claimed:
+            if _shape(other) == _shape(var) and _dtype(other) == "float32" and user not in claimed:
                 layer.before_residual, layer.residual, layer.residual_end = var, other, user
                 claimed.add(user)
                 var = user

@@ -52,6 +52,20 @@ def test_cross_artifacts_are_elf_of_the_right_architecture(
         assert m.builder["board"] == "ultra96"
 
 
+@pytest.mark.parametrize(("board", "cpu"), [("pynq-z1", "armv7"), ("zcu104", "aarch64")])
+def test_vta_builds_take_the_boards_host_cpu(
+    board: str, cpu: str, build: Callable[..., Path], keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--target vta --board B: VTA layers plus a library for B's CPU (golden data from this
+    host's build of the same module on the simulator)."""
+    verified = open_artifact(build("tiny_cnn", "vta", board), [load_public_key(keys[1])], tmp_path)
+    m = verified.manifest
+    assert elf_header(verified.path(m.library)) == (ELF_CLASS[cpu], 1, ELF_MACHINE[cpu])
+    assert (m.target.name, m.builder["board"]) == ("vta", board)
+    assert m.target.accelerator == "vta:1x16_i8w8a32_15_15_18_17"
+    assert m.quantization is not None and m.quantization["vta"]["layers"] == 2
+
+
 @pytest.fixture(scope="session")
 def aarch64_runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """libtvm_ffi and libtvm_runtime for aarch64 from the registry's wheels of our versions."""
