@@ -5,7 +5,8 @@ The flow, on the module the ONNX frontend imports:
 1. **Find layers.** A layer starts at a ``conv2d`` (groups 1, batch 1, constant weights) or a
    ``matmul`` with constant weights, and takes along what VTA's epilogue can do: batch norms and
    constant bias adds (folded into the weights and the bias), one residual add of another
-   tensor, and a ReLU (the clip's lower bound). Every tensor inside a layer has one user.
+   tensor, and a ReLU or a clip to [0, hi] such as ReLU6 (the clip's bounds). Every tensor
+   inside a layer has one user.
 2. **Calibrate.** The float module, compiled for the build host, returns max |x| of every tensor
    at a layer boundary over the calibration samples.
 3. **Quantize.** Every boundary tensor gets a power-of-two scale ``2**e`` covering its range in
@@ -58,6 +59,8 @@ class Layer:
     residual: Any = None  # the residual tensor var
     residual_end: Any = None  # the var of the residual add
     relu_end: Any = None  # the var of the ReLU after everything
+    relu_max: float | None = None  # the ReLU's upper bound (6 for ReLU6), if any
+    relu_inner: Any = None  # a bounded ReLU's first half (the maximum with 0)
     end: Any = None  # the layer's output var (settled by ``settle``)
     spec: ConvSpec | None = None
     exponents: dict[str, int] = field(default_factory=dict)
@@ -136,6 +139,14 @@ def _const(expr: Any, graph: _Graph) -> np.ndarray | None:
         return np.asarray(expr.value.numpy())
     if expr in graph.value:
         return _const(graph.value[expr], graph)
+    if _op(expr) == "relax.isnan":
+        inner = _const(expr.args[0], graph)
+        return None if inner is None else np.isnan(inner)
+    if _op(expr) == "relax.where":
+        cond, a, b = (_const(arg, graph) for arg in expr.args)
+        if cond is None or a is None or b is None:
+            return None
+        return np.asarray(np.where(cond, a, b))
     if _op(expr) == "relax.permute_dims":
         inner = _const(expr.args[0], graph)
         if inner is not None:
@@ -242,9 +253,35 @@ def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
             break
         if op == "relax.nn.relu":
             layer.relu_end = user
+        elif (clip := _relu6(graph, var, user, call)) is not None:
+            layer.relu_end, layer.relu_max = clip
+            layer.relu_inner = user
         break
     if layer.residual is None:
         layer.before_residual = var
+
+
+def _tir_bound(call: Any, name: str, var: Any, graph: _Graph) -> float | None:
+    """The scalar bound of ``call_tir(name..., (var, bound))``, how the frontend imports Clip."""
+    if _op(call) != "relax.call_tir" or not str(call.args[0].name_hint).startswith(name):
+        return None
+    fields = list(call.args[1].fields)
+    if len(fields) != 2 or not fields[0].same_as(var):
+        return None
+    bound = _const(fields[1], graph)
+    return None if bound is None or bound.size != 1 else float(bound.reshape(-1)[0])
+
+
+def _relu6(graph: _Graph, var: Any, lower: Any, call: Any) -> tuple[Any, float] | None:
+    """(end var, upper bound) of a clip of ``var`` to [0, hi] (ReLU6 and the like): ``lower``
+    is the var of ``call``, the maximum with 0."""
+    if _tir_bound(call, "maximum", var, graph) != 0.0:
+        return None
+    upper = graph.only_user(lower)
+    if upper is None:
+        return None
+    hi = _tir_bound(upper[1], "minimum", lower, graph)
+    return None if hi is None or hi <= 0 else (upper[0], hi)
 
 
 def _channel_vector(value: np.ndarray, channels: int, dense: bool) -> np.ndarray | None:
@@ -313,11 +350,14 @@ def settle(layer: Layer, exps: dict[Any, int], cfg: VtaConfig) -> tuple[np.ndarr
             "stride": layer.attrs["stride"],
             "padding": layer.attrs["padding"],
         }
+    ceiling = INT8_MAX
+    if relu and layer.relu_max is not None:
+        ceiling = min(INT8_MAX, round(layer.relu_max / 2.0**e_y))
     layer.spec = ConvSpec(
         in_channels=layer.weight.shape[1],
         out_channels=layer.out_channels,
         shift=e_y - e_acc,
-        clip=(0, INT8_MAX) if relu else (-INT8_MAX, INT8_MAX),
+        clip=(0, ceiling) if relu else (-INT8_MAX, INT8_MAX),
         residual_shift=residual_shift,
         pre_shift=pre_shift,
         **spec_args,
@@ -354,8 +394,8 @@ def absorbed(layer: Layer) -> list[Any]:
     chain = [*layer.internal, layer.head]
     if layer.end is not layer.before_residual:
         chain.append(layer.before_residual)
-    if layer.end is layer.relu_end and layer.residual_end is not None:
-        chain.append(layer.residual_end)
+    if layer.end is layer.relu_end:
+        chain += [v for v in (layer.residual_end, layer.relu_inner) if v is not None]
     return [v for v in dict.fromkeys(chain) if v is not layer.end]
 
 
@@ -381,7 +421,10 @@ def calibrate(
             maxima = [bb.emit(relax.op.max(relax.op.abs(v))) for v in variables]
             out = bb.emit_output(relax.Tuple(maxima))
         bb.emit_func_output(out)
-    executable = tvm.compile(bb.get(), tvm.target.Target(target))
+    # The same module with this main: the frontend's own TIR functions (Clip's) come along.
+    module = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    module.update_func(module.get_global_var("main"), bb.get()["main"])
+    executable = tvm.compile(module, tvm.target.Target(target))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     names = [str(p.name) for p in func.params]
     worst = np.zeros(len(variables))

@@ -72,3 +72,30 @@ def test_calibration_data_errors_name_the_problem(tmp_path: Path):
     np.savez(path, input=np.ones((70, 3, 8, 8), np.float32))
     calibration = read_calibration(specs, path)
     assert len(calibration.samples) == 64 and calibration.samples[0]["input"].shape == (1, 3, 8, 8)
+
+
+def test_relu6_becomes_the_clip_of_the_layer():
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.2, (24, 16, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Clip", ["c", "lo", "hi"], ["y"]),
+        ],
+        "relu6",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    samples = [{"x": rng.normal(0, 2, (1, 16, 8, 8)).astype(np.float32)} for _ in range(4)]
+    part = partition(import_onnx(model, "relu6"), samples, {"kind": "llvm"}, VtaConfig(), "id")
+    (layer,) = part.report["layers"]
+    e_y = layer["exponents"]["output"]
+    assert tuple(layer["spec"]["clip"]) == (0, min(127, round(6 / 2.0**e_y)))
+    # Nothing of the clip is left for the CPU.
+    assert "call_tir" not in part.module.script(show_meta=False).split("def main")[1]
