@@ -195,3 +195,28 @@ def test_disassembly_is_pinned(name):
     if os.environ.get("BOOST_UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert text == path.read_text()
+
+
+def test_engine_serves_loaded_layers_and_names_what_is_missing():
+    from vta.drivers.sim import SimDriver
+    from vta.engine import VtaEngine
+
+    spec = ConvSpec(16, 16, 4, 4, shift=6)
+    x, w, b, _ = random_case(spec, 9)
+    bundle = Bundle("build1", CFG, (lower(spec, w, b, CFG),))
+    engine = VtaEngine(SimDriver(CFG, hls=True))
+    engine.add(bundle)
+    packed = np.ascontiguousarray(x.reshape(1, 16, 4, 4).transpose(0, 2, 3, 1))
+    out = np.zeros((1, 4, 4, 16), np.int8)
+    engine.call(bundle.key(0), packed, out)
+    want = reference(spec, x, w, b)
+    assert np.array_equal(out.transpose(0, 3, 1, 2).reshape(16, 4, 4), want)
+    with pytest.raises(VtaError, match="no VTA layer 'build1/1'"):
+        engine.call("build1/1", packed, out)
+    engine.remove("build1")
+    with pytest.raises(VtaError, match="no VTA layer 'build1/0'"):
+        engine.call(bundle.key(0), packed, out)
+    other = VtaConfig(log_inp_buff_size=14)
+    with pytest.raises(VtaError, match="rebuild it for this design"):
+        engine.add(Bundle("build2", other, ()))
+    engine.close()

@@ -24,6 +24,7 @@ from vta.lower import REGION_ALIGN, LoweredLayer, relocate
 PACKED_FUNCTION = "boost.vta.layer"
 #: Arenas start on a page so that every element size divides their address.
 ARENA_ALIGN = 4096
+assert ARENA_ALIGN % REGION_ALIGN == 0
 RUN_TIMEOUT_S = 30.0
 
 
@@ -31,9 +32,8 @@ class LayerRunner:
     """One lowered layer resident on a device: constants uploaded, program relocated."""
 
     def __init__(self, driver: Driver, layer: LoweredLayer) -> None:
-        assert ARENA_ALIGN % REGION_ALIGN == 0
         self.driver, self.layer = driver, layer
-        self.arena = driver.alloc(layer.arena_bytes, ARENA_ALIGN)
+        self.arena: DeviceBuffer | None = driver.alloc(layer.arena_bytes, ARENA_ALIGN)
         self.program: DeviceBuffer | None = None
         try:
             driver.copy_in(self.arena, layer.image, layer.constants.offset)
@@ -48,28 +48,29 @@ class LayerRunner:
 
     def run(self, inputs: Sequence[np.ndarray], out: np.ndarray) -> None:
         """``inputs`` (the activation, then the residual if the layer has one) in packed layout."""
-        layer, driver = self.layer, self.driver
+        layer, driver, arena = self.layer, self.driver, self.arena
+        if arena is None or self.program is None:
+            raise VtaError("the layer was unloaded from the device")
         regions = [layer.input] + ([layer.residual] if layer.residual is not None else [])
         if len(inputs) != len(regions):
             raise VtaError(f"the layer takes {len(regions)} inputs, got {len(inputs)}")
         for region, value in zip(regions, inputs, strict=True):
             if value.nbytes != region.nbytes:
                 raise VtaError(f"an input of {value.nbytes} bytes, the layer reads {region.nbytes}")
-            driver.copy_in(self.arena, value, region.offset)
+            driver.copy_in(arena, value, region.offset)
         if out.nbytes != layer.output.nbytes:
             raise VtaError(
                 f"an output of {out.nbytes} bytes, the layer writes {layer.output.nbytes}"
             )
-        assert self.program is not None
         driver.run(self.program, len(layer.insns), RUN_TIMEOUT_S)
-        raw = driver.copy_out(self.arena, layer.output.nbytes, layer.output.offset)
+        raw = driver.copy_out(arena, layer.output.nbytes, layer.output.offset)
         out.reshape(-1).view(np.uint8)[...] = np.frombuffer(raw, np.uint8)
 
     def close(self) -> None:
         for buffer in (self.program, self.arena):
             if buffer is not None:
                 self.driver.free(buffer)
-        self.program = None
+        self.program = self.arena = None
 
 
 class VtaEngine:
