@@ -10,9 +10,10 @@ coarser than the accumulator's, the accumulators are first shifted part of the w
 (``pre_shift``, rounded), the residual added at that scale, and the rest of the shift follows.
 
 Layouts are those of VTA-ISA.md section 5 with channels zero-padded to the block. The program
-works in one DRAM *arena*: constants first (micro-ops, packed weights, biases, the identity
-block), then the input, the residual and the output. Its DRAM addresses are arena offsets, so
-the device adds the arena's physical address once when it loads the layer (``relocate``).
+works in one DRAM *arena*: the input, the residual and the output first, then the constants
+(packed weights, biases, the identity block, and the micro-ops last). Its DRAM addresses are
+arena offsets, so the device adds the arena's physical address once when it loads the layer
+(``relocate``).
 
 Tiling keeps every buffer in its SRAM with room for two tiles: steps alternate between two
 halves of the input and weight buffers and output tiles between two halves of the accumulators,
@@ -135,21 +136,6 @@ def blocks(channels: int, cfg: VtaConfig) -> int:
 
 
 # -- data layouts (VTA-ISA.md section 5, batch 1) ---------------------------------------------
-
-
-def pack_activation(x: NDArray[np.int8], cfg: VtaConfig) -> NDArray[np.int8]:
-    """(C, H, W) → (C/B, H, W, B), channels zero-padded to the block."""
-    c, h, w = x.shape
-    b = cfg.block
-    padded = np.zeros((blocks(c, cfg) * b, h, w), np.int8)
-    padded[:c] = x
-    return padded.reshape(-1, b, h, w).transpose(0, 2, 3, 1).copy()
-
-
-def unpack_activation(y: NDArray[np.int8], channels: int) -> NDArray[np.int8]:
-    """(C/B, H, W, B) → (C, H, W), the padding channels dropped."""
-    cb, h, w, b = y.shape
-    return y.transpose(0, 3, 1, 2).reshape(cb * b, h, w)[:channels]
 
 
 def pack_weights(w: NDArray[np.int8], cfg: VtaConfig) -> NDArray[np.int8]:

@@ -1,4 +1,5 @@
-"""A numpy integer reference for the layers ``vta.lower`` compiles, and a way to run them.
+"""A numpy integer reference for the layers ``vta.lower`` compiles, and a way to run them
+(with the activation layouts of VTA-ISA.md section 5, which the compiled model does in Relax).
 
 The reference does the arithmetic the layer means, straight: im2col and an exact float64
 product (every partial sum is an integer far below 2**53), the residual times ``2**k``, the
@@ -17,9 +18,7 @@ from vta.lower import (
     ConvSpec,
     LoweredLayer,
     blocks,
-    pack_activation,
     requantize_bias,
-    unpack_activation,
 )
 
 
@@ -84,3 +83,18 @@ def run_on_simulator(
     )
     runner.run(inputs, out)
     return unpack_activation(out, spec.out_channels), driver
+
+
+def pack_activation(x: NDArray[np.int8], cfg: VtaConfig) -> NDArray[np.int8]:
+    """(C, H, W) → (C/B, H, W, B), channels zero-padded to the block."""
+    c, h, w = x.shape
+    b = cfg.block
+    padded = np.zeros((blocks(c, cfg) * b, h, w), np.int8)
+    padded[:c] = x
+    return padded.reshape(-1, b, h, w).transpose(0, 2, 3, 1).copy()
+
+
+def unpack_activation(y: NDArray[np.int8], channels: int) -> NDArray[np.int8]:
+    """(C/B, H, W, B) → (C, H, W), the padding channels dropped."""
+    cb, h, w, b = y.shape
+    return y.transpose(0, 3, 1, 2).reshape(cb * b, h, w)[:channels]
