@@ -289,4 +289,5 @@ def test_download_rejects_other_bytes(served: tuple[str, str, bytes], tmp_path: 
         download(url, dest, digest, len(data), lambda *a: None, DownloadPolicy(attempts=1))
     assert not dest.exists() and not (tmp_path / "a.boost.partial").exists()
     with pytest.raises(DownloadError, match="HTTP 404"):
-        download(url[:-1] + "0", dest, "0" * 64, 10, lambda *a: None, DownloadPolicy())
+        missing = url.rsplit("/", 1)[0] + "/" + "0" * 64  # no artifact has this digest
+        download(missing, dest, "0" * 64, 10, lambda *a: None, DownloadPolicy())
