@@ -116,6 +116,7 @@ def resolve(name: str, board: str | None = None) -> TargetSpec:
     if name == VTA_TARGET:
         from vta.config import VtaConfig
 
+        design = VtaConfig().bitstream_id
         chosen = board or VTA_SIM_BOARD
         if chosen == VTA_SIM_BOARD:
             host = resolve("x86_64")
@@ -129,9 +130,9 @@ def resolve(name: str, board: str | None = None) -> TargetSpec:
         return replace(
             host,
             name=VTA_TARGET,
-            description=f"VTA {VtaConfig().bitstream_id} with the {chosen} host CPU",
+            description=f"VTA {design} with the {chosen} host CPU",
             board=chosen,
-            accelerator=f"vta:{VtaConfig().bitstream_id}",
+            accelerator=f"vta:{design}",
         )
     if name not in TARGETS:
         raise BoostError(

@@ -37,7 +37,7 @@ from agent.errors import BoostError
 from vta.bundle import Bundle
 from vta.config import VtaConfig
 from vta.engine import PACKED_FUNCTION
-from vta.lower import ConvSpec, LoweredLayer, LoweringError, blocks, lower
+from vta.lower import ConvSpec, LoweredLayer, blocks, lower
 
 #: Layers with fewer input channels stay on the CPU (padding to the block would waste most MACs).
 MIN_CHANNELS = 8
@@ -324,7 +324,8 @@ def exponent(max_abs: float) -> int:
 
 
 def settle(layer: Layer, exps: dict[Any, int], cfg: VtaConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Fix the layer's extent and numbers; returns the int8 weights and int32 bias."""
+    """Fix the layer's extent and numbers; returns the int8 weights and the integer bias
+    (``vta.lower`` checks that it fits the 32-bit accumulators)."""
     w_max = float(np.abs(layer.weight).max())
     e_w = exponent(w_max)
     e_x = exps[layer.data]
@@ -367,10 +368,7 @@ def settle(layer: Layer, exps: dict[Any, int], cfg: VtaConfig) -> tuple[np.ndarr
     if residual_shift is not None:
         layer.exponents["residual"] = exps[layer.residual]
     wq = np.clip(np.round(layer.weight / 2.0**e_w), -INT8_MAX, INT8_MAX).astype(np.int8)
-    bq = np.round(layer.bias / 2.0**e_acc)
-    if np.abs(bq).max(initial=0) >= 2**31:
-        raise LoweringError("a bias does not fit the 32-bit accumulator at this scale")
-    return wq, bq.astype(np.int32)
+    return wq, np.round(layer.bias / 2.0**e_acc).astype(np.int64)
 
 
 def _final(layer: Layer) -> Any:

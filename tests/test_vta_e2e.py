@@ -98,6 +98,46 @@ def test_vta_build_is_refused_before_download_without_the_accelerator(
     assert store.requests == requests
 
 
+def test_device_memory_follows_the_ram_tier(
+    build: Callable[..., Path], keys: Keys, tmp_path: Path
+) -> None:
+    """A model's VTA layers leave the device when its module leaves memory: unloaded, or
+    evicted from the RAM tier by another model."""
+    from agent.artifact import open_artifact, sha256_file
+    from agent.config import AgentConfig, CacheConfig
+    from agent.registry import Registry
+    from vta.bundle import Bundle
+    from vta.config import VtaConfig
+    from vta.drivers.sim import SimDriver
+    from vta.engine import VtaEngine, register
+
+    engine = VtaEngine(SimDriver(VtaConfig(), hls=True))
+    register(engine)
+    config = AgentConfig(
+        state_dir=tmp_path / "state",
+        trusted_keys=(keys[1],),
+        cache=CacheConfig(ram_max_bytes=1),  # room for one module at a time
+    )
+    registry = Registry(config, lambda eviction: None, engine)
+    registry.open()
+    builds = {}
+    for version in ("1", "2"):
+        artifact = build("tiny_cnn", "vta", version=version)
+        digest = sha256_file(artifact)
+        staged = registry.disk.staging(digest)
+        open_artifact(artifact, registry.trusted, staged)
+        registry.disk.install(digest, staged, *read_manifest(artifact))
+        builds[digest] = Bundle.load(registry.disk.path(digest)).build_id
+    first, second = builds
+    registry.load(first)
+    assert builds[first] in engine
+    registry.load(second)  # evicts the first from the RAM tier
+    assert builds[first] not in engine and builds[second] in engine
+    registry.unload(second)
+    assert builds[second] not in engine
+    engine.close()
+
+
 def test_real_weights_lose_at_most_one_point(build: Callable[..., Path]) -> None:
     """digits_cnn, trained here on scikit-learn's digits: test-set accuracy float vs VTA-int8."""
     test = manifest_of(build("digits_cnn", "vta")).quantization["accuracy"]["test_set"]  # type: ignore[index]

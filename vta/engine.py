@@ -104,6 +104,11 @@ class VtaEngine:
                 raise
             self._models[bundle.build_id] = runners
 
+    def __contains__(self, build_id: object) -> bool:
+        """Whether a model's layers are on the device."""
+        with self._lock:
+            return build_id in self._models
+
     def remove(self, build_id: str) -> None:
         with self._lock:
             self._drop(build_id)

@@ -404,7 +404,7 @@ class _Arena:
 
 
 def requantize_bias(
-    bias: NDArray[np.int32] | None, spec: ConvSpec, cfg: VtaConfig
+    bias: NDArray[np.integer] | None, spec: ConvSpec, cfg: VtaConfig
 ) -> NDArray[np.int32]:
     """Per-channel accumulator offsets: the bias plus the rounding constant of the first shift."""
     out = np.zeros(blocks(spec.out_channels, cfg) * cfg.block, np.int64)
@@ -421,7 +421,7 @@ def requantize_bias(
 def lower(
     spec: ConvSpec,
     weights: NDArray[np.int8],
-    bias: NDArray[np.int32] | None,
+    bias: NDArray[np.integer] | None,
     cfg: VtaConfig,
     tiling: Tiling | None = None,
 ) -> LoweredLayer:
