@@ -18,7 +18,9 @@ from models.broker import LocalBroker, free_port
 from models.compiler import CompileRequest, compile_model
 from models.fleet import Fleet
 from models.progress import Progress
+from tests.support.firmware import build_host
 from tests.support.fleet import AgentProcess, CountingStore, Watcher
+from vta.config import VtaConfig
 
 REPO = Path(__file__).resolve().parent.parent
 Keys = tuple[Path, Path]
@@ -159,3 +161,17 @@ def agents(
 def fleet(broker: LocalBroker) -> Iterator[Fleet]:
     with Fleet(BuildConfig(mqtt=MqttConfig(url=broker.url))) as f:
         yield f
+
+
+@pytest.fixture(scope="session")
+def firmware(tmp_path_factory: pytest.TempPathFactory) -> Callable[[VtaConfig], Path]:
+    """The firmware's host build for a VTA design, built once per design and session."""
+    built: dict[str, Path] = {}
+
+    def host_build(cfg: VtaConfig) -> Path:
+        if cfg.bitstream_id not in built:
+            out = tmp_path_factory.mktemp(f"firmware-{cfg.bitstream_id}")
+            built[cfg.bitstream_id] = build_host(cfg, out)
+        return built[cfg.bitstream_id]
+
+    return host_build

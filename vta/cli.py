@@ -1,4 +1,7 @@
-"""``python -m vta disasm PROGRAM|ARTIFACT`` and ``python -m vta sim PROGRAM --dram IMAGE -o OUT``.
+"""``python -m vta disasm|sim|header``: read programs, run them, generate the firmware's C header.
+
+``disasm PROGRAM|ARTIFACT`` prints a program; ``sim PROGRAM --dram IMAGE -o OUT`` runs one;
+``header -o vta_hw.h [--check]`` writes (or checks) the firmware's ISA header.
 
 A program file is raw little-endian 128-bit instructions; a DRAM image is a raw byte file whose
 byte offset is the physical address. Both commands take ``--config VTA_CONFIG.json`` (default:
@@ -19,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vta import cheader, isa
 from vta import config as vta_config
-from vta import isa
 from vta.bundle import BLOB, INDEX, Bundle
 from vta.errors import VtaError
 from vta.sim import Dram, Simulator
@@ -92,6 +95,26 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_header(args: argparse.Namespace) -> int:
+    text = cheader.render(vta_config.load(args.config))
+    if args.check:
+        try:
+            current = args.output.read_text()
+        except OSError as err:
+            raise VtaError(f"{args.output}: cannot read the header: {err.strerror}") from err
+        if current != text:
+            raise VtaError(
+                f"{args.output} is stale: it does not match vta/isa.py and the configuration; "
+                f"regenerate it with `python -m vta header -o {args.output}`"
+            )
+        return 0
+    try:
+        args.output.write_text(text)
+    except OSError as err:
+        raise VtaError(f"{args.output}: cannot write the header: {err.strerror}") from err
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vta", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -108,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-o", "--output", type=Path, required=True, help="DRAM image to write")
     sim.add_argument("--hls", action="store_true", help="reject what the FPGA design cannot run")
     sim.set_defaults(handler=cmd_sim)
-    for command in (disasm, sim):
+    header = sub.add_parser("header", help="write the firmware's C header of the ISA")
+    header.add_argument("-o", "--output", type=Path, required=True, help="header file")
+    header.add_argument("--check", action="store_true", help="fail if the file is not current")
+    header.set_defaults(handler=cmd_header)
+    for command in (disasm, sim, header):
         command.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return parser
 

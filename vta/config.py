@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,38 @@ _JSON_KEYS = tuple(f.name for f in fields(VtaConfig) if f.name != "source")
 def load(path: Path | None) -> VtaConfig:
     """The configuration in ``path``, or the published default design when no path is given."""
     return VtaConfig() if path is None else VtaConfig.from_json(path)
+
+
+_DESIGN_ID = re.compile(
+    r"(?P<batch>\d+)x(?P<block>\d+)_i(?P<inp>\d+)w(?P<wgt>\d+)a(?P<acc>\d+)"
+    r"_(?P<uop>\d+)_(?P<inp_buff>\d+)_(?P<wgt_buff>\d+)_(?P<acc_buff>\d+)"
+)
+
+
+def from_design_id(design: str) -> VtaConfig:
+    """The configuration a design id names (the inverse of ``VtaConfig.bitstream_id``), as a
+    device that reports only its id is described."""
+    match = _DESIGN_ID.fullmatch(design)
+    if match is None:
+        raise VtaConfigError(
+            f"design id {design!r}",
+            "expected BATCHxBLOCK_iINPwWGTaACC_UOP_INP_WGT_ACC, e.g. 1x16_i8w8a32_15_15_18_17",
+        )
+    logs = {}
+    for name in ("batch", "block", "inp", "wgt", "acc"):
+        value = int(match[name])
+        if value < 1 or value & (value - 1):
+            raise VtaConfigError(f"design id {design!r}", f"{name} {value} is not a power of two")
+        logs[name] = value.bit_length() - 1
+    return VtaConfig(
+        log_batch=logs["batch"],
+        log_block=logs["block"],
+        log_inp_width=logs["inp"],
+        log_wgt_width=logs["wgt"],
+        log_acc_width=logs["acc"],
+        log_uop_buff_size=int(match["uop"]),
+        log_inp_buff_size=int(match["inp_buff"]),
+        log_wgt_buff_size=int(match["wgt_buff"]),
+        log_acc_buff_size=int(match["acc_buff"]),
+        source=f"design id {design}",
+    )

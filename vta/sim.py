@@ -39,8 +39,8 @@ _MISSING_FLAGS = {
 }
 _STAGE_NAMES = {Stage.LOAD: "load", Stage.COMPUTE: "compute", Stage.STORE: "store"}
 #: HLS: an accumulator written by a GEMM uop must not be written again by the next two.
-_HLS_GEMM_DEP_DISTANCE = 3
-_HLS_SHIFT_RANGE = (-16, 15)
+HLS_GEMM_DEP_DISTANCE = 3
+HLS_SHIFT_RANGE = (-16, 15)
 
 
 @dataclass
@@ -536,7 +536,7 @@ class Simulator:
         for dst, src in plan.runs:
             y: NDArray[np.int64] | int = op.imm if op.use_imm else self.acc[src].astype(np.int64)
             if self.hls and op.alu_opcode == AluOp.SHR:
-                low, high = _HLS_SHIFT_RANGE
+                low, high = HLS_SHIFT_RANGE
                 if np.any(np.asarray(y) < low) or np.any(np.asarray(y) > high):
                     raise HlsError(
                         f"SHR by an amount outside {low}..{high}: the FPGA uses only the low 5 "
@@ -607,13 +607,13 @@ _PROGRAM_CACHE_SIZE = 64
 
 
 def _check_gemm_hazard(dst: NDArray[np.int64]) -> None:
-    for distance in range(1, _HLS_GEMM_DEP_DISTANCE):
+    for distance in range(1, HLS_GEMM_DEP_DISTANCE):
         same = np.flatnonzero(dst[distance:] == dst[:-distance])
         if same.size:
             issue = int(same[0]) + distance
             raise HlsError(
                 f"GEMM issues {issue - distance} and {issue} both write accumulator "
-                f"{int(dst[issue])}: the FPGA pipeline needs {_HLS_GEMM_DEP_DISTANCE} issues "
+                f"{int(dst[issue])}: the FPGA pipeline needs {HLS_GEMM_DEP_DISTANCE} issues "
                 "between writes to one accumulator (vary an output coordinate in the loop "
                 "just outside the GEMM, not a reduction axis)"
             )
