@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf qemu-user mosquitto
+APT_PACKAGES := g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf gcc-arm-none-eabi qemu-user mosquitto
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := .boost/demo
 

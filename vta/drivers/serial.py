@@ -42,7 +42,9 @@ ANSWER_S = 1.0
 #: How long discovery waits for a port to answer the handshake (each attempt).
 HELLO_TIMEOUT_S = 0.25
 #: Sends of one request before it fails (the first and the retries).
-ATTEMPTS = 4
+ATTEMPTS = 8
+#: How long a valid reply may trail a damaged frame before the request goes again.
+SETTLE_S = 0.02
 _RESERVED = 4096
 
 
@@ -100,8 +102,13 @@ class SerialLink:
         self.baudrate = baudrate
         self._seq = 0
         self._rx = bytearray()
-        self.max_data = 0  # data bytes a frame carries, from the handshake
+        self.max_data = 256  # data bytes a frame carries; the handshake tells
         self.retries = 0  # requests sent again, for figures and tests
+
+    def _settle_s(self) -> float:
+        """After a damaged frame, how long a valid answer may still take to arrive (the damaged
+        one may have been a stale duplicate) before the request is sent again."""
+        return SETTLE_S + self.wire_s(2 * (self.max_data + 64))
 
     def wire_s(self, nbytes: int) -> float:
         """Seconds ``nbytes`` take on the line (10 bits a byte)."""
@@ -125,18 +132,20 @@ class SerialLink:
             while True:
                 raw = self._read_frame(deadline, where)
                 if raw is None:
-                    break  # silence: send again
+                    break  # silence, or nothing valid after damage: send again
                 try:
                     payload = link.decode_frame(raw)
+                    got, status_code, got_seq = link.HEADER.unpack_from(payload)
                 except link.FrameError as err:
-                    log.debug("%s: damaged reply (%s); asking again", where, err)
-                    break
-                got, status_code, got_seq = link.HEADER.unpack_from(payload)
+                    log.debug("%s: damaged reply (%s)", where, err)
+                    deadline = min(deadline, time.monotonic() + self._settle_s())
+                    continue
                 if got_seq == link.NO_SEQ and status_code in (Status.CRC, Status.FRAME):
-                    log.debug("%s: the device got a damaged request; sending it again", where)
-                    break
+                    log.debug("%s: the device got a damaged request", where)
+                    deadline = min(deadline, time.monotonic() + self._settle_s())
+                    continue
                 if got_seq != seq or got != command:
-                    continue  # the answer to an earlier attempt or request
+                    continue  # the answer to an earlier request
                 reply = payload[link.HEADER.size :]
                 try:
                     status = Status(status_code)
