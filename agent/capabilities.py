@@ -8,6 +8,7 @@ downloaded) and on the build host (before a deploy command is sent).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.artifact import Manifest
+from agent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +150,13 @@ def _gpus() -> list[dict[str, Any]]:
     return gpus
 
 
-def _vta_sim() -> list[dict[str, Any]]:
+def _vta_sim(config: AgentConfig) -> list[dict[str, Any]]:
     from vta.config import VtaConfig
 
     return [{"kind": "vta-sim", "design": VtaConfig().bitstream_id, "board": "sim"}]
 
 
-def _vta_fpga() -> list[dict[str, Any]]:
+def _vta_fpga(config: AgentConfig) -> list[dict[str, Any]]:
     """An FPGA manager that the kernel exposes; which design it holds is not known until the
     agent programs a bitstream, so no design is advertised."""
     managers = sorted(Path("/sys/class/fpga_manager").glob("*/state"))
@@ -168,29 +170,44 @@ def _vta_fpga() -> list[dict[str, Any]]:
     ]
 
 
-def _vta_serial() -> list[dict[str, Any]]:
-    """Serial coprocessors are advertised only after the firmware answers its handshake; until
-    the serial driver speaks that handshake, no port is claimed to be one."""
-    return []
+def _vta_serial(config: AgentConfig) -> list[dict[str, Any]]:
+    """Coprocessors on USB serial adapters or ``serial_ports`` that answer the firmware's
+    handshake (the handshake reports the design)."""
+    from vta.drivers.serial import discover
+
+    return [c.capability() for c in discover(config.serial_ports, config.serial_baud)]
 
 
-_ACCELERATOR_PROBES: dict[str, Callable[[], list[dict[str, Any]]]] = {
+_ACCELERATOR_PROBES: dict[str, Callable[[AgentConfig], list[dict[str, Any]]]] = {
     "vta-fpga": _vta_fpga,
     "vta-serial": _vta_serial,
     "vta-sim": _vta_sim,
 }
 
 
+def probe_accelerators(config: AgentConfig) -> list[dict[str, Any]]:
+    """The accelerators of ``config.backends`` that are present, in the order of the backends.
+
+    Probing talks to hardware (a handshake on serial ports), so the daemon does it once at
+    start-up, before any driver holds a device."""
+    found: list[dict[str, Any]] = []
+    for kind in config.backends:
+        if kind in _ACCELERATOR_PROBES:
+            found += _safely(kind, functools.partial(_ACCELERATOR_PROBES[kind], config), [])
+    return found
+
+
 def probe(
-    device_id: str, groups: Iterable[str], backends: Iterable[str], state_dir: Path
+    device_id: str,
+    groups: Iterable[str],
+    backends: Iterable[str],
+    state_dir: Path,
+    accelerators: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """The capability document of this device (DESIGN.md, "MQTT protocol v1")."""
+    """The capability document of this device (DESIGN.md, "MQTT protocol v1"), with the
+    accelerators ``probe_accelerators`` found."""
     machine = platform.machine()
     cpuinfo = _safely("cpuinfo", lambda: Path("/proc/cpuinfo").read_text(), "")
-    accelerators: list[dict[str, Any]] = []
-    for kind in backends:
-        if kind in _ACCELERATOR_PROBES:
-            accelerators += _safely(kind, _ACCELERATOR_PROBES[kind], [])
     disk_dir = state_dir if state_dir.exists() else Path(state_dir.anchor or "/")
     return {
         "device": device_id,
@@ -206,7 +223,7 @@ def probe(
         "disk_free_bytes": _safely("disk", lambda: shutil.disk_usage(disk_dir).free, None),
         "tvm_runtime": _safely("tvm runtime", _tvm_runtime, None),
         "gpus": _safely("gpus", _gpus, list[dict[str, Any]]()),
-        "accelerators": accelerators,
+        "accelerators": list(accelerators),
         "backends": list(backends),
         "dtypes": ["float32", "float16", "int32", "int8", "uint8"],
         "groups": list(groups),

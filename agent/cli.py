@@ -12,7 +12,7 @@ from pathlib import Path
 from agent import cliutil
 from agent.artifact import load_public_key, open_artifact
 from agent.cache import DiskCache, LfuAging
-from agent.capabilities import default_device_id, probe
+from agent.capabilities import default_device_id, probe, probe_accelerators
 from agent.config import Config
 from agent.runtime import TvmRuntime, golden_check
 from agent.state import DeviceState
@@ -47,7 +47,11 @@ def cmd_start(args: argparse.Namespace, config: Config) -> int:
 def cmd_probe(args: argparse.Namespace, config: Config) -> int:
     agent = config.agent
     caps = probe(
-        agent.device_id or default_device_id(), agent.groups, agent.backends, agent.state_dir
+        agent.device_id or default_device_id(),
+        agent.groups,
+        agent.backends,
+        agent.state_dir,
+        probe_accelerators(agent),
     )
     print(json.dumps(caps, indent=2))
     return 0

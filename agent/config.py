@@ -67,6 +67,8 @@ class AgentConfig:
     trusted_keys: tuple[Path, ...] = (Path(".boost/keys/build.pub"),)
     allowed_hosts: tuple[str, ...] = ("http://127.0.0.1:8750",)
     backends: tuple[str, ...] = ("vta-fpga", "vta-serial", "vta-sim", "cpu")
+    serial_ports: tuple[str, ...] = ()
+    serial_baud: int = field(default=921600, metadata=_bounded(1200, 16_000_000))
     metrics_interval_s: float = field(default=60.0, metadata=_bounded(1))
     mqtt: MqttConfig = MqttConfig()
     cache: CacheConfig = CacheConfig()

@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 
 from agent import mqtt
 from agent.cache import Eviction
-from agent.capabilities import default_device_id, probe
+from agent.capabilities import default_device_id, probe, probe_accelerators
 from agent.config import AgentConfig
 from agent.deploy import Deployer
 from agent.errors import BoostError
@@ -100,7 +100,11 @@ class Agent:
             check_name("group", group)
         mqtt.BrokerAddress.parse(config.mqtt.url)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.registry = Registry(config, self._on_evict, open_vta(config.backends))
+        found = probe_accelerators(config)
+        vta = open_vta(found, config)
+        # One VTA accelerator serves every VTA build: only that one is advertised.
+        self.accelerators = [a for a in found if not a.get("design") or (vta and a is vta[1])]
+        self.registry = Registry(config, self._on_evict, vta[0] if vta else None)
         self.deployer = Deployer(self.registry, config, self.capabilities)
         self.metrics = Metrics()
         self.stopping = threading.Event()
@@ -180,7 +184,10 @@ class Agent:
         self.client.will_set(self.topic("state"), dumps(self._state(False)), qos=1, retain=True)
 
     def _probe(self) -> dict[str, Any]:
-        caps = probe(self.device, self.config.groups, self.config.backends, self.config.state_dir)
+        config = self.config
+        caps = probe(
+            self.device, config.groups, config.backends, config.state_dir, self.accelerators
+        )
         with self.registry.lock:
             caps["cache"] = sorted(self.registry.disk.entries)
         return caps

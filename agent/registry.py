@@ -20,29 +20,49 @@ from agent.config import AgentConfig
 from agent.errors import BoostError
 from agent.runtime import LoadedModel, TvmRuntime
 from agent.state import DeviceState, ModelSlot
+from vta.errors import VtaError
 
 if TYPE_CHECKING:
+    from vta.drivers.base import Driver
     from vta.engine import VtaEngine
 
 log = logging.getLogger(__name__)
 
 
-def open_vta(backends: Sequence[str]) -> VtaEngine | None:
-    """The VTA engine behind ``boost.vta.layer``: the first enabled backend with a driver.
-
-    The simulator is the only VTA driver so far; FPGA and serial drivers come with the firmware
-    work, and until then a board with an FPGA serves VTA builds from the simulator.
-    """
-    if "vta-sim" not in backends:
-        return None
-    from vta.config import VtaConfig
-    from vta.drivers.sim import SimDriver
+def open_vta(
+    accelerators: Sequence[dict[str, Any]], config: AgentConfig
+) -> tuple[VtaEngine, dict[str, Any]] | None:
+    """The VTA engine behind ``boost.vta.layer`` and the accelerator it drives: the first of
+    ``accelerators`` (as ``probe_accelerators`` ordered them) whose driver opens."""
     from vta.engine import VtaEngine, register
 
-    engine = VtaEngine(SimDriver(VtaConfig(), hls=True))
-    register(engine)
-    log.info("VTA layers run on the simulator (design %s)", engine.design)
-    return engine
+    for accelerator in accelerators:
+        try:
+            driver = _driver(accelerator, config)
+        except VtaError as err:
+            log.warning("cannot use %s: %s", accelerator["kind"], err)
+            continue
+        if driver is None:
+            continue
+        engine = VtaEngine(driver)
+        register(engine)
+        log.info("VTA layers run on %s (design %s)", accelerator["kind"], engine.design)
+        return engine, accelerator
+    return None
+
+
+def _driver(accelerator: dict[str, Any], config: AgentConfig) -> Driver | None:
+    kind = accelerator["kind"]
+    if kind == "vta-serial":
+        from vta.drivers.serial import SerialDriver
+
+        return SerialDriver(accelerator["port"], baudrate=config.serial_baud)
+    if kind == "vta-sim":
+        from vta.config import VtaConfig
+        from vta.drivers.sim import SimDriver
+
+        return SimDriver(VtaConfig(), hls=True)
+    return None
 
 
 class UnknownModelError(BoostError):

@@ -14,7 +14,8 @@ import pytest
 
 from agent.artifact import Manifest, read_manifest
 from agent.cache import DiskCache, LfuAging, ModuleCache, Usage
-from agent.capabilities import cpu_features, incompatibilities, probe
+from agent.capabilities import cpu_features, incompatibilities, probe, probe_accelerators
+from agent.config import AgentConfig
 from agent.deploy import TERMINAL, TRANSITIONS, Deployment, Phase
 from agent.download import DownloadError, DownloadPolicy, download, url_allowed
 from agent.protocol import ProtocolError, decode_tensor, encode_tensor, parse_command
@@ -231,19 +232,21 @@ def test_cpu_features_from_cpuinfo() -> None:
 
 
 def test_probe_never_raises_and_reports_this_machine(tmp_path: Path) -> None:
-    caps = probe("d", ["g"], ["vta-sim", "vta-serial", "vta-fpga", "cpu"], tmp_path / "missing")
+    backends = ("vta-sim", "vta-serial", "vta-fpga", "cpu")
+    accelerators = probe_accelerators(AgentConfig(backends=backends))
+    caps = probe("d", ["g"], backends, tmp_path / "missing", accelerators)
     assert caps["cpu"]["triple"] == "x86_64-linux-gnu" and caps["cpu"]["cores"] >= 1
     assert caps["tvm_runtime"]["abi"] == "0.27"
     assert caps["accelerators"] == [
         {"kind": "vta-sim", "design": "1x16_i8w8a32_15_15_18_17", "board": "sim"}
     ]
     assert caps["disk_free_bytes"] > 0 and caps["groups"] == ["g"]
-    assert probe("d", [], ["cpu"], tmp_path)["accelerators"] == []
+    assert probe_accelerators(AgentConfig(backends=("cpu",))) == []
 
 
 def test_incompatibilities_name_what_is_missing(build: Callable[..., Path], tmp_path: Path) -> None:
     manifest = Manifest.from_json(read_manifest(build("tiny_cnn"))[0])
-    caps = probe("d", [], ["vta-sim"], tmp_path)
+    caps = probe("d", [], ["vta-sim"], tmp_path, probe_accelerators(AgentConfig()))
     assert incompatibilities(manifest, caps) == []
     arm = {**caps, "cpu": {**caps["cpu"], "triple": "aarch64-linux-gnu", "arch": "aarch64"}}
     assert incompatibilities(manifest, arm)[0] == (

@@ -97,9 +97,9 @@ class Pair:
         link.write(0, image)
         link.write(PROGRAM_AT, program)
         outcomes = []
-        for name, execute in (
-            ("sim", lambda: sim.run(program)),
-            ("firmware", lambda: link.run(PROGRAM_AT, len(program) // 16, hls=hls, timeout_s=10)),
+        for execute in (
+            lambda: sim.run(program),
+            lambda: link.run(PROGRAM_AT, len(program) // 16, hls=hls, timeout_s=10),
         ):
             try:
                 counters: Counters | type[VtaError] = execute()
@@ -115,7 +115,9 @@ class Pair:
         sim.run(self.dump)
         link.run(PROGRAM_AT, len(self.dump) // 16, hls=False, timeout_s=10)
         start, size = dump_region(self.cfg)
-        sim_memory = sim.dram.data[: len(image)].tobytes() + sim.dram.data[start : start + size].tobytes()
+        sim_memory = (
+            sim.dram.data[: len(image)].tobytes() + sim.dram.data[start : start + size].tobytes()
+        )
         fw_memory = link.read(0, len(image)) + link.read(start, size)
         return (outcomes[0], sim_memory), (outcomes[1], fw_memory)
 

@@ -81,7 +81,7 @@ def test_a_device_that_disappears_mid_run_is_reported(device: FirmwareProcess) -
     driver.copy_in(program, stream)
     threading.Timer(0.5, device.stop).start()
     started = time.monotonic()
-    with pytest.raises(DeviceLostError, match="disappeared .*reconnect it"):
+    with pytest.raises(DeviceLostError, match=r"disappeared .*reconnect it"):
         driver.run(program, 2, timeout_s=60)
     assert time.monotonic() - started < 10
     driver.close()

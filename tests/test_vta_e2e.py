@@ -16,7 +16,9 @@ import numpy as np
 from agent.artifact import Manifest, read_manifest
 from models.fleet import Fleet, decode_outputs
 from tests.conftest import Keys, run_cli
+from tests.support.firmware import FirmwareProcess
 from tests.support.fleet import AgentProcess, CountingStore, Watcher, deploy, golden, online
+from vta.config import VtaConfig
 
 VTA = "vta:1x16_i8w8a32_15_15_18_17"
 
@@ -34,9 +36,11 @@ def deploy_and_compare(
     store: CountingStore,
     keys: Keys,
     tmp_path: Path,
+    agent: AgentProcess | None = None,
 ) -> None:
-    agent = agents()
-    online(watcher, agent)
+    if agent is None:
+        agent = agents()
+        online(watcher, agent)
     (outcome,) = deploy(fleet, store, artifact)
     assert outcome.state == "active", (outcome, agent.log_text())
     inputs, expected = golden(artifact, tmp_path / "golden", keys[1])
@@ -107,7 +111,6 @@ def test_device_memory_follows_the_ram_tier(
     from agent.config import AgentConfig, CacheConfig
     from agent.registry import Registry
     from vta.bundle import Bundle
-    from vta.config import VtaConfig
     from vta.drivers.sim import SimDriver
     from vta.engine import VtaEngine, register
 
@@ -174,3 +177,57 @@ def test_resnet18_on_a_simulated_vta_device(
     agreement = quant["accuracy"]["calibration_set"]
     assert agreement["max_abs_error"] <= 0.1 * agreement["output_max_abs"], agreement
     deploy_and_compare("resnet18", artifact, agents, watcher, fleet, store, keys, tmp_path)
+
+
+def _on_the_coprocessor(
+    name: str,
+    firmware: Callable[[VtaConfig], Path],
+    agents: Callable[..., AgentProcess],
+    watcher: Watcher,
+    fleet: Fleet,
+    store: CountingStore,
+    build: Callable[..., Path],
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """The agent finds the firmware's host build on a pseudo-terminal (a configured serial
+    port), advertises it, and its VTA layers run there, bit for bit as the simulator ran them."""
+    with FirmwareProcess(firmware(VtaConfig())) as device:
+        extra = f'backends = ["vta-serial", "vta-sim", "cpu"]\nserial_ports = ["{device.port}"]'
+        mark = watcher.mark()
+        agent = agents(extra=extra)
+        online(watcher, agent)
+        caps = watcher.wait_for(lambda topic, payload: topic.endswith("dev1/caps"), after=mark)
+        assert caps["accelerators"] == [
+            {"kind": "vta-serial", "design": VTA.split(":")[1], "board": "serial",
+             "port": device.port, "dram_bytes": 64 << 20}
+        ]  # fmt: skip
+        artifact = build(name, "vta")
+        deploy_and_compare(name, artifact, agents, watcher, fleet, store, keys, tmp_path, agent)
+        assert "VTA layers run on vta-serial" in agent.log_text()
+
+
+def test_tiny_cnn_on_the_serial_coprocessor(
+    firmware: Callable[[VtaConfig], Path],
+    agents: Callable[..., AgentProcess],
+    watcher: Watcher,
+    fleet: Fleet,
+    store: CountingStore,
+    build: Callable[..., Path],
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    _on_the_coprocessor("tiny_cnn", firmware, agents, watcher, fleet, store, build, keys, tmp_path)
+
+
+def test_resnet18_on_the_serial_coprocessor(
+    firmware: Callable[[VtaConfig], Path],
+    agents: Callable[..., AgentProcess],
+    watcher: Watcher,
+    fleet: Fleet,
+    store: CountingStore,
+    build: Callable[..., Path],
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    _on_the_coprocessor("resnet18", firmware, agents, watcher, fleet, store, build, keys, tmp_path)

@@ -320,8 +320,10 @@ def discover(extra: Iterable[str] = (), baudrate: int = DEFAULT_BAUD) -> list[Co
     found = []
     for port in candidate_ports(extra):
         try:
-            with SerialDriver(port, baudrate=baudrate, answer_s=HELLO_TIMEOUT_S) as driver:
-                found.append(driver.info)
+            driver = SerialDriver(port, baudrate=baudrate, answer_s=HELLO_TIMEOUT_S)
         except (VtaError, VtaConfigError) as err:
             log.debug("serial port %s is not a VTA coprocessor: %s", port, err)
+            continue
+        found.append(driver.info)
+        driver.close()
     return found
