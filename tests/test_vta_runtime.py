@@ -44,6 +44,7 @@ def test_pops_ride_on_the_next_instruction_and_pushes_on_the_previous() -> None:
     q.dep_pop(Stage.COMPUTE, Stage.LOAD)  # a second pending pop commits the first as a no-op
     q.load_2d(MemId.INP, buffer, 0, x_size=4, y_size=1, x_stride=4, sram_base=0)
     assert _lines(q.synchronize()) == [
+        "GEMM",  # CLEAR_DONE starts every stream
         "LOAD INP x=4 push_next",
         "LOAD UOP x=1 pop_prev",
         "GEMM push_prev",
@@ -79,6 +80,7 @@ def test_kernels_stay_resident_and_the_uop_buffer_starts_over_when_full() -> Non
     assert [(i.sram_base, i.x_size) for i in loads] == [(0, 200), (0, 100), (0, 200)]
     gemms = [i for i in insns if isinstance(i, GemmInsn)]
     assert [(g.uop_bgn, g.uop_end, g.iter_out) for g in gemms] == [
+        (0, 0, 1),  # CLEAR_DONE
         (0, 200, 1), (0, 200, 1), (0, 100, 2), (0, 100, 2), (0, 200, 1),
     ]  # fmt: skip
     # the image holds each kernel once

@@ -60,6 +60,22 @@ class UopKernel:
         return outer, inner
 
 
+#: The first instruction of every stream: a GEMM over no micro-ops. It changes nothing, but the
+#: FPGA's compute stage clears its "done" register when it runs a GEMM or ALU op, so a host
+#: polling right after the start cannot mistake the last run's "done" for this one's
+#: (VTA-ISA.md section 6; the pynq driver refuses streams that do not start with it).
+CLEAR_DONE = GemmInsn(
+    uop_bgn=0,
+    uop_end=0,
+    iter_out=1,
+    iter_in=1,
+    dst_factor_out=0,
+    dst_factor_in=0,
+    src_factor_out=0,
+    src_factor_in=0,
+)
+
+
 class ProgramBuilder:
     """Builds one instruction stream: loads, stores, GEMM/ALU kernels and dependency tokens.
 
@@ -72,7 +88,7 @@ class ProgramBuilder:
         self._reset()
 
     def _reset(self) -> None:
-        self._insns: list[Insn] = []
+        self._insns: list[Insn] = [CLEAR_DONE]
         self._pending: dict[Stage, tuple[bool, bool]] = {s: (False, False) for s in Stage}
         self._uops: list[Uop] = []  # the micro-op image of this program, uploaded at the end
         self._uop_offsets: dict[UopKernel, int] = {}  # kernel -> offset in the image
