@@ -12,6 +12,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from vta.config import VtaConfig
+from vta.drivers.base import Driver
 from vta.drivers.sim import SimDriver
 from vta.engine import LayerRunner
 from vta.lower import (
@@ -71,9 +72,18 @@ def run_on_simulator(
     cfg: VtaConfig | None = None,
 ) -> tuple[NDArray[np.int8], SimDriver]:
     """Upload the layer to a fresh HLS-mode simulator, run it once, unpack the output."""
-    cfg = cfg or VtaConfig()
-    spec = layer.spec
-    driver = SimDriver(cfg, hls=True)
+    driver = SimDriver(cfg or VtaConfig(), hls=True)
+    return run_on(driver, layer, x, residual), driver
+
+
+def run_on(
+    driver: Driver,
+    layer: LoweredLayer,
+    x: NDArray[np.int8],
+    residual: NDArray[np.int8] | None = None,
+) -> NDArray[np.int8]:
+    """Upload the layer to ``driver``'s device, run it once, unpack the output."""
+    cfg, spec = driver.config, layer.spec
     runner = LayerRunner(driver, layer)
     inputs = [pack_activation(x, cfg)]
     if residual is not None:
@@ -82,7 +92,8 @@ def run_on_simulator(
         (blocks(spec.out_channels, cfg), spec.out_height, spec.out_width, cfg.block), np.int8
     )
     runner.run(inputs, out)
-    return unpack_activation(out, spec.out_channels), driver
+    runner.close()
+    return unpack_activation(out, spec.out_channels)
 
 
 def pack_activation(x: NDArray[np.int8], cfg: VtaConfig) -> NDArray[np.int8]:
