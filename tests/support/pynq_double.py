@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 Event = tuple[Any, ...]
+#: The pynq-z1 register windows by name.
+MODULES = {0x43C00000: "fetch", 0x43C01000: "load", 0x43C02000: "compute", 0x43C03000: "store"}
 
 
 class FakeBuffer(np.ndarray):  # type: ignore[type-arg]
@@ -42,8 +44,6 @@ class ScriptedPynq:
     """Pass as the driver's ``pynq``. ``expect`` queues accesses; a read's expected event ends
     with the value it returns, an allocation's with the device address it gets."""
 
-    MODULES = {0x43C00000: "fetch", 0x43C01000: "load", 0x43C02000: "compute", 0x43C03000: "store"}
-
     def __init__(self) -> None:
         self.expected: list[Event] = []
         self.seen: list[Event] = []
@@ -68,7 +68,7 @@ class ScriptedPynq:
 
     def MMIO(self, base: int, length: int) -> ScriptedMmio:  # noqa: N802 (pynq's name)
         assert length == 0x1000
-        return ScriptedMmio(self, self.MODULES[base])
+        return ScriptedMmio(self, MODULES[base])
 
     def allocate(self, shape: tuple[int], dtype: type) -> FakeBuffer:
         address = self.access("allocate", shape[0])
