@@ -157,17 +157,9 @@ def _vta_sim(config: AgentConfig) -> list[dict[str, Any]]:
 
 
 def _vta_fpga(config: AgentConfig) -> list[dict[str, Any]]:
-    """An FPGA manager that the kernel exposes; which design it holds is not known until the
-    agent programs a bitstream, so no design is advertised."""
-    managers = sorted(Path("/sys/class/fpga_manager").glob("*/state"))
-    if not managers:
-        return []
-    model = Path("/proc/device-tree/model")
-    board = model.read_text().strip("\0\n ") if model.is_file() else ""
-    return [
-        {"kind": "vta-fpga", "design": None, "board": board, "manager": m.parent.name}
-        for m in managers
-    ]
+    from vta.drivers.pynq import probe_fpga
+
+    return probe_fpga()
 
 
 def _vta_serial(config: AgentConfig) -> list[dict[str, Any]]:

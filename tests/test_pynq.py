@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from tests.support.pynq_double import ScriptedPynq
 from tests.support.vta_layers import reference, run_on
 from vta import isa
 from vta.config import VtaConfig
-from vta.drivers.pynq import BOARDS, PynqDriver, import_pynq
+from vta.drivers.pynq import BOARDS, PynqDriver, import_pynq, probe_fpga
 from vta.errors import DriverError
 from vta.isa import FinishInsn, MemId, MemInsn
 from vta.lower import ConvSpec, lower
@@ -140,3 +141,20 @@ def test_lowered_layers_on_a_real_board(case: str) -> None:
     with PynqDriver(CFG, BOARDS[board]) as fpga:
         got = run_on(fpga, layer, x)
     assert np.array_equal(got, reference(spec, x, w, bias))
+
+
+def test_the_fpga_probe_reads_the_fpga_manager_and_the_board(tmp_path: Path) -> None:
+    assert probe_fpga(tmp_path) == []
+    manager = tmp_path / "sys/class/fpga_manager/fpga0"
+    manager.mkdir(parents=True)
+    (manager / "state").write_text("operating\n")
+    (manager / "name").write_text("Xilinx Zynq FPGA Manager\n")
+    model = tmp_path / "proc/device-tree/model"
+    model.parent.mkdir(parents=True)
+    model.write_text("TUL PYNQ-Z1\0")
+    assert probe_fpga(tmp_path) == [
+        {"kind": "vta-fpga", "design": None, "board": "pynq-z1", "manager": "fpga0",
+         "state": "operating"}
+    ]  # fmt: skip
+    model.write_text("Some Other Board\0")
+    assert probe_fpga(tmp_path)[0]["board"] == "Some Other Board"

@@ -64,6 +64,28 @@ def board_of(model: str) -> Board | None:
     return None
 
 
+def probe_fpga(root: Path = Path("/")) -> list[dict[str, Any]]:
+    """The FPGA managers the kernel exposes under ``root`` (``/sys/class/fpga_manager``), with
+    the board the device tree names. Which design an FPGA holds is not readable from the
+    hardware, so none is reported; a board this driver does not know is reported by its model."""
+    managers = sorted((root / "sys/class/fpga_manager").glob("*/state"))
+    if not managers:
+        return []
+    model_file = root / "proc/device-tree/model"
+    model = model_file.read_text().strip("\0\n ") if model_file.is_file() else ""
+    board = board_of(model)
+    return [
+        {
+            "kind": "vta-fpga",
+            "design": None,
+            "board": board.name if board else model,
+            "manager": state.parent.name,
+            "state": state.read_text().strip(),
+        }
+        for state in managers
+    ]
+
+
 def import_pynq() -> ModuleType:
     try:
         return importlib.import_module("pynq")
