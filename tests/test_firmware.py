@@ -8,6 +8,7 @@ leave identical DRAM, accumulators and counters; invalid ones must fail the same
 from __future__ import annotations
 
 import random
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -208,14 +209,16 @@ def test_hls_mode_refuses_what_the_fpga_cannot_run(firmware: Firmware, case: str
         both.close()
 
 
-def test_firmware_builds_with_no_warnings_for_the_host(tmp_path: Path) -> None:
-    import subprocess
-
+@pytest.mark.parametrize("target", ["host", "cortex-m"])
+def test_firmware_builds_with_no_warnings(tmp_path: Path, target: str) -> None:
+    """-Werror is on; the Cortex-M image also links with --fatal-warnings and no C library."""
     result = subprocess.run(
-        ["make", "-C", str(FIRMWARE), "host", f"BUILD={tmp_path}"],
+        ["make", "-C", str(FIRMWARE), target, f"BUILD={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr
+    image = {"host": "host/vta-coprocessor", "cortex-m": "cortex-m/vta-coprocessor.elf"}[target]
+    assert (tmp_path / image).stat().st_size > 0
