@@ -12,13 +12,11 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from tests.bench_vta import median_s
 from tests.support.firmware import FIRMWARE, FirmwareProcess
 from vta import isa
 from vta.config import VtaConfig
@@ -37,15 +35,6 @@ LAYERS = {
     "dense 512->1000": ConvSpec(512, 1000, 1, 1, shift=9),
 }
 PAYLOADS = (256, 1024, 4096, 16384, 65536)
-
-
-def median_s(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def layer_seconds(driver: SimDriver | SerialDriver, spec: ConvSpec, repeats: int) -> float:

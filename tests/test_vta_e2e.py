@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from agent.artifact import Manifest, read_manifest
 from models.fleet import Fleet, decode_outputs
@@ -179,7 +180,8 @@ def test_resnet18_on_a_simulated_vta_device(
     deploy_and_compare("resnet18", artifact, agents, watcher, fleet, store, keys, tmp_path)
 
 
-def _on_the_coprocessor(
+@pytest.mark.parametrize("name", ["tiny_cnn", "resnet18"])
+def test_a_model_on_the_serial_coprocessor(
     name: str,
     firmware: Callable[[VtaConfig], Path],
     agents: Callable[..., AgentProcess],
@@ -205,29 +207,3 @@ def _on_the_coprocessor(
         artifact = build(name, "vta")
         deploy_and_compare(name, artifact, agents, watcher, fleet, store, keys, tmp_path, agent)
         assert "VTA layers run on vta-serial" in agent.log_text()
-
-
-def test_tiny_cnn_on_the_serial_coprocessor(
-    firmware: Callable[[VtaConfig], Path],
-    agents: Callable[..., AgentProcess],
-    watcher: Watcher,
-    fleet: Fleet,
-    store: CountingStore,
-    build: Callable[..., Path],
-    keys: Keys,
-    tmp_path: Path,
-) -> None:
-    _on_the_coprocessor("tiny_cnn", firmware, agents, watcher, fleet, store, build, keys, tmp_path)
-
-
-def test_resnet18_on_the_serial_coprocessor(
-    firmware: Callable[[VtaConfig], Path],
-    agents: Callable[..., AgentProcess],
-    watcher: Watcher,
-    fleet: Fleet,
-    store: CountingStore,
-    build: Callable[..., Path],
-    keys: Keys,
-    tmp_path: Path,
-) -> None:
-    _on_the_coprocessor("resnet18", firmware, agents, watcher, fleet, store, build, keys, tmp_path)

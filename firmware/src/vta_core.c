@@ -87,6 +87,20 @@ static uint32_t field(const uint64_t word[2], unsigned lo, unsigned width) {
 
 #define FIELD(word, kind, name) field(word, VTA_##kind##_##name##_LO, VTA_##kind##_##name##_WIDTH)
 
+/* The loop fields GEMM and ALU share (their positions may differ per kind). */
+#define DECODE_LOOP(word, insn, kind)                                                          \
+    do {                                                                                       \
+        (insn)->reset = FIELD(word, kind, RESET);                                              \
+        (insn)->uop_bgn = FIELD(word, kind, UOP_BGN);                                          \
+        (insn)->uop_end = FIELD(word, kind, UOP_END);                                          \
+        (insn)->iter_out = FIELD(word, kind, ITER_OUT);                                        \
+        (insn)->iter_in = FIELD(word, kind, ITER_IN);                                          \
+        (insn)->dst_factor_out = FIELD(word, kind, DST_FACTOR_OUT);                            \
+        (insn)->dst_factor_in = FIELD(word, kind, DST_FACTOR_IN);                              \
+        (insn)->src_factor_out = FIELD(word, kind, SRC_FACTOR_OUT);                            \
+        (insn)->src_factor_in = FIELD(word, kind, SRC_FACTOR_IN);                              \
+    } while (0)
+
 static uint32_t read_le(const uint8_t *bytes, unsigned n) {
     uint32_t value = 0;
     for (unsigned i = n; i-- > 0;) {
@@ -123,28 +137,12 @@ static int decode(const uint8_t *bytes, insn_t *insn) {
         insn->x_pad_1 = FIELD(word, MEM, X_PAD_1);
         return 1;
     case VTA_OPCODE_GEMM:
-        insn->reset = FIELD(word, GEMM, RESET);
-        insn->uop_bgn = FIELD(word, GEMM, UOP_BGN);
-        insn->uop_end = FIELD(word, GEMM, UOP_END);
-        insn->iter_out = FIELD(word, GEMM, ITER_OUT);
-        insn->iter_in = FIELD(word, GEMM, ITER_IN);
-        insn->dst_factor_out = FIELD(word, GEMM, DST_FACTOR_OUT);
-        insn->dst_factor_in = FIELD(word, GEMM, DST_FACTOR_IN);
-        insn->src_factor_out = FIELD(word, GEMM, SRC_FACTOR_OUT);
-        insn->src_factor_in = FIELD(word, GEMM, SRC_FACTOR_IN);
+        DECODE_LOOP(word, insn, GEMM);
         insn->wgt_factor_out = FIELD(word, GEMM, WGT_FACTOR_OUT);
         insn->wgt_factor_in = FIELD(word, GEMM, WGT_FACTOR_IN);
         return 1;
     case VTA_OPCODE_ALU:
-        insn->reset = FIELD(word, ALU, RESET);
-        insn->uop_bgn = FIELD(word, ALU, UOP_BGN);
-        insn->uop_end = FIELD(word, ALU, UOP_END);
-        insn->iter_out = FIELD(word, ALU, ITER_OUT);
-        insn->iter_in = FIELD(word, ALU, ITER_IN);
-        insn->dst_factor_out = FIELD(word, ALU, DST_FACTOR_OUT);
-        insn->dst_factor_in = FIELD(word, ALU, DST_FACTOR_IN);
-        insn->src_factor_out = FIELD(word, ALU, SRC_FACTOR_OUT);
-        insn->src_factor_in = FIELD(word, ALU, SRC_FACTOR_IN);
+        DECODE_LOOP(word, insn, ALU);
         insn->wgt_factor_out = 0;
         insn->wgt_factor_in = 0;
         insn->alu_opcode = FIELD(word, ALU, ALU_OPCODE);

@@ -76,6 +76,31 @@ def check_span(buffer: DeviceBuffer, offset: int, nbytes: int, what: str) -> Non
         )
 
 
+class HostAllocated:
+    """What drivers share whose device memory is allocated on the host: the allocator over the
+    device's physical range, live-buffer checks and the closed state."""
+
+    name: str
+
+    def __init__(self, base: int, size: int) -> None:
+        self._allocator = Allocator(base, size)
+        self._closed = False
+
+    def _check(self, buffer: DeviceBuffer | None) -> None:
+        if self._closed:
+            raise DriverError(f"the {self.name} driver is closed")
+        if buffer is not None:
+            self._allocator.check(buffer)
+
+    def alloc(self, nbytes: int, align: int) -> DeviceBuffer:
+        self._check(None)
+        return self._allocator.alloc(nbytes, align)
+
+    def free(self, buffer: DeviceBuffer) -> None:
+        self._check(None)
+        self._allocator.free(buffer)
+
+
 class Allocator:
     """First-fit allocation of aligned buffers in the physical range ``[base, base + size)``."""
 

@@ -20,7 +20,14 @@ import serial.tools.list_ports
 
 from vta import link
 from vta.config import VtaConfig, from_design_id
-from vta.drivers.base import Allocator, DeviceBuffer, Driver, HostData, check_span, host_bytes
+from vta.drivers.base import (
+    DeviceBuffer,
+    Driver,
+    HostAllocated,
+    HostData,
+    check_span,
+    host_bytes,
+)
 from vta.errors import (
     DeadlockError,
     DriverError,
@@ -240,7 +247,7 @@ class SerialLink:
         return info
 
 
-class SerialDriver(Driver):
+class SerialDriver(HostAllocated, Driver):
     name = "serial"
 
     def __init__(
@@ -267,22 +274,7 @@ class SerialDriver(Driver):
             raise
         self.hls = hls
         self.counters = Counters()  # of the last run
-        self._allocator = Allocator(_RESERVED, self.info.dram_bytes - _RESERVED)
-        self._closed = False
-
-    def _check(self, buffer: DeviceBuffer | None) -> None:
-        if self._closed:
-            raise DriverError("the serial driver is closed")
-        if buffer is not None:
-            self._allocator.check(buffer)
-
-    def alloc(self, nbytes: int, align: int) -> DeviceBuffer:
-        self._check(None)
-        return self._allocator.alloc(nbytes, align)
-
-    def free(self, buffer: DeviceBuffer) -> None:
-        self._check(None)
-        self._allocator.free(buffer)
+        super().__init__(_RESERVED, self.info.dram_bytes - _RESERVED)
 
     def copy_in(self, buffer: DeviceBuffer, data: HostData, offset: int = 0) -> None:
         self._check(buffer)

@@ -7,8 +7,14 @@ out). The simulator never blocks: a program that cannot finish raises ``Deadlock
 from __future__ import annotations
 
 from vta.config import VtaConfig
-from vta.drivers.base import Allocator, DeviceBuffer, Driver, HostData, check_span, host_bytes
-from vta.errors import DriverError
+from vta.drivers.base import (
+    DeviceBuffer,
+    Driver,
+    HostAllocated,
+    HostData,
+    check_span,
+    host_bytes,
+)
 from vta.isa import INSN_BYTES
 from vta.sim import Dram, Simulator
 
@@ -16,7 +22,7 @@ DEFAULT_DRAM_BYTES = 256 << 20
 _RESERVED = 4096
 
 
-class SimDriver(Driver):
+class SimDriver(HostAllocated, Driver):
     name = "sim"
 
     def __init__(
@@ -25,22 +31,7 @@ class SimDriver(Driver):
         self.config = config
         self.dram = Dram.zeros(dram_bytes)
         self.simulator = Simulator(config, self.dram, hls=hls)
-        self._allocator = Allocator(_RESERVED, dram_bytes - _RESERVED)
-        self._closed = False
-
-    def _check(self, buffer: DeviceBuffer | None) -> None:
-        if self._closed:
-            raise DriverError("the sim driver is closed")
-        if buffer is not None:
-            self._allocator.check(buffer)
-
-    def alloc(self, nbytes: int, align: int) -> DeviceBuffer:
-        self._check(None)
-        return self._allocator.alloc(nbytes, align)
-
-    def free(self, buffer: DeviceBuffer) -> None:
-        self._check(None)
-        self._allocator.free(buffer)
+        super().__init__(_RESERVED, dram_bytes - _RESERVED)
 
     def copy_in(self, buffer: DeviceBuffer, data: HostData, offset: int = 0) -> None:
         self._check(buffer)
