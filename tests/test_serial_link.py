@@ -22,6 +22,7 @@ from vta.drivers.base import DeviceBuffer
 from vta.drivers.serial import DeviceLostError, SerialDriver, discover
 from vta.isa import AluInsn, AluOp, FinishInsn, GemmInsn, Insn, MemId, MemInsn, Uop
 from vta.link import Command, Status
+from vta.runtime import CLEAR_DONE
 
 Firmware = Callable[[VtaConfig], Path]
 CFG = VtaConfig()
@@ -89,10 +90,18 @@ def test_a_device_that_disappears_mid_run_is_reported(device: FirmwareProcess) -
 
 def test_a_silent_device_times_out_with_a_clear_error(device: FirmwareProcess) -> None:
     driver = SerialDriver(device.port, answer_s=0.2)
+    stream = isa.encode_program([CLEAR_DONE, FinishInsn()], CFG)
+    program = driver.alloc(len(stream), 16)
+    driver.copy_in(program, stream)
     os.kill(device.process.pid, signal.SIGSTOP)
     try:
         with pytest.raises(DeviceLostError, match="no valid answer after 8 attempts"):
             driver.copy_out(driver.alloc(16, 16), 16)
+        # A run is not sent again for silence: its deadline is the deadline.
+        started = time.monotonic()
+        with pytest.raises(DeviceLostError, match=r"no answer within 0\.7 s"):
+            driver.run(program, 2, timeout_s=0.5)
+        assert time.monotonic() - started < 1.5
     finally:
         os.kill(device.process.pid, signal.SIGCONT)
         driver.close()

@@ -128,7 +128,7 @@ class SerialLink:
         seq = self._seq
         frame = link.encode_frame(link.HEADER.pack(command, 0, seq) + body)
         answer_s = self.answer_s + self.wire_s(len(frame) + 64)
-        # A RUN is not sent again for silence (the device may still compute); only for damage.
+        # A RUN is sent again only after damage; silence past its deadline ends it.
         patience = answer_s if run_s is None else answer_s + run_s
         where = f"serial coprocessor {self.name}, {command.name}"
         for attempt in range(ATTEMPTS):
@@ -136,8 +136,14 @@ class SerialLink:
                 self.retries += 1
             self._write(frame, where)
             deadline = time.monotonic() + patience
+            damaged = False  # a damaged frame arrived: the answer may have been lost
             while True:
                 raw = self._read_frame(deadline, where)
+                if raw is None and run_s is not None and not damaged:
+                    raise DeviceLostError(
+                        f"{where}: no answer within {patience:.1f} s: the program runs longer "
+                        "than its deadline or the device hangs; reset the coprocessor"
+                    )
                 if raw is None:
                     break  # silence, or nothing valid after damage: send again
                 try:
@@ -145,10 +151,12 @@ class SerialLink:
                     got, status_code, got_seq = link.HEADER.unpack_from(payload)
                 except link.FrameError as err:
                     log.debug("%s: damaged reply (%s)", where, err)
+                    damaged = True
                     deadline = min(deadline, time.monotonic() + self._settle_s())
                     continue
                 if got_seq == link.NO_SEQ and status_code in (Status.CRC, Status.FRAME):
                     log.debug("%s: the device got a damaged request", where)
+                    damaged = True
                     deadline = min(deadline, time.monotonic() + self._settle_s())
                     continue
                 if got_seq != seq or got != command:
