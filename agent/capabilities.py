@@ -95,8 +95,6 @@ TRIPLES = {
     "armv7l": "armv7a-linux-gnueabihf",
 }
 
-ACCELERATOR_KINDS = ("vta-fpga", "vta-serial", "vta-sim")
-
 T = TypeVar("T")
 
 

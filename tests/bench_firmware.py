@@ -20,6 +20,7 @@ from tests.bench_vta import median_s
 from tests.support.firmware import FIRMWARE, FirmwareProcess
 from vta import isa
 from vta.config import VtaConfig
+from vta.drivers.base import DeviceBuffer
 from vta.drivers.serial import SerialDriver
 from vta.drivers.sim import SimDriver
 from vta.engine import LayerRunner
@@ -81,12 +82,14 @@ def main() -> None:
             data = np.random.default_rng(size).integers(0, 256, max(size, 1), np.uint8)
             buffer = driver.alloc(data.size, 16)
 
-            def round_trip(size: int = size, buffer: object = buffer, data: object = data) -> None:
+            def round_trip(
+                size: int = size, buffer: DeviceBuffer = buffer, data: np.ndarray = data
+            ) -> None:
                 if size:
-                    driver.copy_in(buffer, data)  # type: ignore[arg-type]
+                    driver.copy_in(buffer, data)
                 driver.run(program, 2, timeout_s=10)
                 if size:
-                    driver.copy_out(buffer, size)  # type: ignore[arg-type]
+                    driver.copy_out(buffer, size)
 
             measured = median_s(round_trip, 5)
             wire = 2 * size * 10 / BAUD

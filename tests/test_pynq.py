@@ -16,6 +16,7 @@ from tests.support.pynq_double import ScriptedPynq
 from tests.support.vta_layers import reference, run_on
 from vta import isa
 from vta.config import VtaConfig
+from vta.drivers.base import DeviceBuffer
 from vta.drivers.pynq import BOARDS, PynqDriver, import_pynq, probe_fpga
 from vta.errors import DriverError
 from vta.isa import FinishInsn, MemId, MemInsn
@@ -46,7 +47,7 @@ def double() -> Iterator[ScriptedPynq]:
     scripted.assert_done()
 
 
-def uploaded(double: ScriptedPynq, driver: PynqDriver, data: bytes, address: int) -> object:
+def uploaded(double: ScriptedPynq, driver: PynqDriver, data: bytes, address: int) -> DeviceBuffer:
     double.expect(("allocate", len(data) + 15, address), ("flush", address))
     buffer = driver.alloc(len(data), 16)
     driver.copy_in(buffer, data)
@@ -62,7 +63,7 @@ def test_a_run_writes_the_registers_in_order_and_polls_done(double: ScriptedPynq
         ("read", "compute", 0x18, 0),
         ("read", "compute", 0x18, 1),
     )
-    driver.run(program, 2, timeout_s=5)  # type: ignore[arg-type]
+    driver.run(program, 2, timeout_s=5)
     double.expect(("free", 0x1F000000))
     driver.close()
 
@@ -72,7 +73,7 @@ def test_a_run_that_never_finishes_fails_at_its_deadline(double: ScriptedPynq) -
     program = uploaded(double, driver, PROGRAM, 0x1F000000)
     double.expect(*START_SEQUENCE, *[("read", "compute", 0x18, 0)] * 100_000)
     with pytest.raises(DriverError, match=r"did not finish 2 instructions within 0.05 s"):
-        driver.run(program, 2, timeout_s=0.05)  # type: ignore[arg-type]
+        driver.run(program, 2, timeout_s=0.05)
     double.expected.clear()  # the polls left over
     double.expect(("free", 0x1F000000))
     driver.close()
@@ -88,7 +89,7 @@ def test_a_stream_that_cannot_clear_done_is_refused_before_any_register_access(
     )  # fmt: skip
     program = uploaded(double, driver, stale, 0x1F000000)
     with pytest.raises(DriverError, match="must start with a GEMM or ALU op"):
-        driver.run(program, 2, timeout_s=1)  # type: ignore[arg-type]
+        driver.run(program, 2, timeout_s=1)
     double.expect(("free", 0x1F000000))
     driver.close()
 

@@ -1,8 +1,9 @@
 """The driver contract every VTA backend implements, and the physical-address allocator.
 
 A driver owns device memory (physical addresses the instructions carry) and runs an instruction
-stream that lives in that memory. Backends: ``sim`` (the functional simulator), ``null`` (accepts
-work, refuses to return results); later ``serial`` and ``pynq``.
+stream that lives in that memory. Backends: ``sim`` (the functional simulator), ``serial`` (the
+firmware coprocessor), ``pynq`` (Zynq FPGA boards) and ``null`` (accepts work, refuses to return
+results).
 """
 
 from __future__ import annotations

@@ -318,11 +318,14 @@ def candidate_ports(extra: Iterable[str] = ()) -> list[str]:
 def discover(extra: Iterable[str] = (), baudrate: int = DEFAULT_BAUD) -> list[Coprocessor]:
     """Every port whose device answers the firmware's handshake; the others are left alone."""
     found = []
+    configured = set(extra)
     for port in candidate_ports(extra):
         try:
             driver = SerialDriver(port, baudrate=baudrate, answer_s=HELLO_TIMEOUT_S)
         except (VtaError, VtaConfigError) as err:
-            log.debug("serial port %s is not a VTA coprocessor: %s", port, err)
+            # A port someone named in serial_ports deserves to hear why it is not used.
+            report = log.warning if port in configured else log.debug
+            report("serial port %s is not a VTA coprocessor: %s", port, err)
             continue
         found.append(driver.info)
         driver.close()
