@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import ArtifactError, BoostError, SignatureError
+from vta.bitstreams import BitstreamError, BitstreamRef
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -79,7 +80,8 @@ class Manifest:
     builder: dict[str, str] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
-    bitstream: dict[str, str] | None = None
+    #: The FPGA bitstream the build needs, for boards that can be programmed to its design.
+    bitstream: BitstreamRef | None = None
     schema: int = SCHEMA_VERSION
 
     @property
@@ -115,10 +117,14 @@ class Manifest:
                 builder=raw["builder"],
                 tuning=raw["tuning"],
                 quantization=raw["quantization"],
-                bitstream=raw["bitstream"],
+                bitstream=None
+                if raw["bitstream"] is None
+                else BitstreamRef.from_json(raw["bitstream"], origin),
             )
         except ArtifactError:
             raise
+        except BitstreamError as err:
+            raise ArtifactError(origin, str(err)) from err
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ArtifactError(origin, f"malformed manifest: {err!r}") from err
 

@@ -155,9 +155,15 @@ def _vta_sim(config: AgentConfig) -> list[dict[str, Any]]:
 
 
 def _vta_fpga(config: AgentConfig) -> list[dict[str, Any]]:
-    from vta.drivers.pynq import probe_fpga
+    """FPGA managers, with the design the agent loaded in this boot (see ``agent.fpga``)."""
+    from agent.fpga import Fpga
+    from vta.drivers.pynq import BOARDS, probe_fpga
 
-    return probe_fpga()
+    found = probe_fpga(config.fpga_root)
+    for accelerator in found:
+        if accelerator["board"] in BOARDS:
+            Fpga(config.state_dir, accelerator["board"], config.fpga_root).describe(accelerator)
+    return found
 
 
 def _vta_serial(config: AgentConfig) -> list[dict[str, Any]]:
@@ -260,5 +266,14 @@ def incompatibilities(manifest: Manifest, caps: dict[str, Any]) -> list[str]:
         )
     accelerator = manifest.target.accelerator
     if accelerator and accelerator not in accelerator_ids(caps):
-        problems.append(f"needs accelerator {accelerator}, which the device does not have")
+        ref = manifest.bitstream
+        fpgas = [a for a in caps.get("accelerators") or [] if a.get("kind") == "vta-fpga"]
+        if ref is None:
+            problems.append(f"needs accelerator {accelerator}, which the device does not have")
+        elif not any(a.get("board") == ref.board for a in fpgas):
+            boards = ", ".join(str(a.get("board")) for a in fpgas) or "none"
+            problems.append(
+                f"needs accelerator {accelerator}, which the device does not have, or a "
+                f"{ref.board} FPGA to program (its FPGA boards: {boards})"
+            )
     return problems

@@ -69,6 +69,7 @@ class AgentConfig:
     backends: tuple[str, ...] = ("vta-fpga", "vta-serial", "vta-sim", "cpu")
     serial_ports: tuple[str, ...] = ()
     serial_baud: int = field(default=921600, metadata=_bounded(1200, 16_000_000))
+    fpga_root: Path = Path("/")
     metrics_interval_s: float = field(default=60.0, metadata=_bounded(1))
     mqtt: MqttConfig = MqttConfig()
     cache: CacheConfig = CacheConfig()

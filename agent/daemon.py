@@ -42,7 +42,7 @@ from agent.protocol import (
     now,
     parse_command,
 )
-from agent.registry import Registry, UnknownModelError, open_vta
+from agent.registry import Accelerators, Registry, UnknownModelError
 from agent.runtime import InferenceInputError
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,9 @@ class Agent:
             check_name("group", group)
         mqtt.BrokerAddress.parse(config.mqtt.url)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        found = probe_accelerators(config)
-        vta = open_vta(found, config)
-        # One VTA accelerator serves every VTA build: only that one is advertised.
-        self.accelerators = [a for a in found if not a.get("design") or (vta and a is vta[1])]
-        self.registry = Registry(config, self._on_evict, vta[0] if vta else None)
-        self.deployer = Deployer(self.registry, config, self.capabilities)
+        self.accelerators = Accelerators(probe_accelerators(config), config)
+        self.registry = Registry(config, self._on_evict, self.accelerators.open_engine())
+        self.deployer = Deployer(self.registry, config, self.capabilities, self.accelerators)
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self.deploys: queue.Queue[Command | None] = queue.Queue()
@@ -138,6 +135,8 @@ class Agent:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         self.registry.open()
+        self.deployer.restore_fpga()
+        self.registry.load_active()
         self._caps = self._probe()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -186,7 +185,11 @@ class Agent:
     def _probe(self) -> dict[str, Any]:
         config = self.config
         caps = probe(
-            self.device, config.groups, config.backends, config.state_dir, self.accelerators
+            self.device,
+            config.groups,
+            config.backends,
+            config.state_dir,
+            self.accelerators.advertised(),
         )
         with self.registry.lock:
             caps["cache"] = sorted(self.registry.disk.entries)

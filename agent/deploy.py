@@ -4,10 +4,14 @@
 
     accepted ──> rejected                       (signature, compatibility, URL, space: no download)
         │  └───> active                         (this build is already active: nothing to do)
-        │  └───> loading                        (the build is in the cache: re-verified on load)
+        │  └───> loading | programming          (the build is in the cache: re-verified on load)
         v
-    downloading > verifying > installing > loading > smoke-testing > active
-        └────────────┴────────────┴───────────┴────────────┴──> rolled-back | failed
+    downloading > verifying > installing > [programming] > loading > smoke-testing > active
+        └────────────┴────────────┴─────────────┴──────────────┴──────────┴─> rolled-back | failed
+
+``programming`` happens when the build carries a bitstream for this board's FPGA and the FPGA
+does not hold its design: the bitstream is downloaded (unless the device keeps it), loaded and
+checked; if that or the build's smoke test fails, the FPGA goes back to the bitstream it held.
 
 A failure after acceptance ends in ``rolled-back`` when the model has an active version (it keeps
 serving) and in ``failed`` when it has none. Every transition is published as an event carrying the
@@ -23,18 +27,29 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.artifact import Manifest, open_artifact, read_manifest, verify_signature
+from agent.artifact import (
+    Manifest,
+    open_artifact,
+    read_manifest,
+    verify_signature,
+    verify_unpacked,
+)
 from agent.cache import CacheFullError
 from agent.capabilities import incompatibilities
 from agent.config import AgentConfig
 from agent.download import DownloadError, DownloadPolicy, download, url_allowed
 from agent.errors import ArtifactError, BoostError, SignatureError
+from agent.fpga import FpgaError
 from agent.protocol import Command, ProtocolError, check_name, now
-from agent.registry import Registry
+from agent.registry import Accelerators, Registry
 from agent.runtime import golden_check
 from agent.state import ModelSlot
+
+if TYPE_CHECKING:
+    from vta.bitstreams import BitstreamRef
+    from vta.engine import VtaEngine
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +64,7 @@ class Phase(str, Enum):
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
     INSTALLING = "installing"
+    PROGRAMMING = "programming"
     LOADING = "loading"
     SMOKE_TESTING = "smoke-testing"
     ACTIVE = "active"
@@ -58,11 +74,14 @@ class Phase(str, Enum):
 
 _FAILURE = frozenset({Phase.ROLLED_BACK, Phase.FAILED})
 TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
-    Phase.ACCEPTED: frozenset({Phase.REJECTED, Phase.ACTIVE, Phase.LOADING, Phase.DOWNLOADING})
+    Phase.ACCEPTED: frozenset(
+        {Phase.REJECTED, Phase.ACTIVE, Phase.LOADING, Phase.PROGRAMMING, Phase.DOWNLOADING}
+    )
     | _FAILURE,
     Phase.DOWNLOADING: frozenset({Phase.VERIFYING}) | _FAILURE,
     Phase.VERIFYING: frozenset({Phase.INSTALLING}) | _FAILURE,
-    Phase.INSTALLING: frozenset({Phase.LOADING}) | _FAILURE,
+    Phase.INSTALLING: frozenset({Phase.PROGRAMMING, Phase.LOADING}) | _FAILURE,
+    Phase.PROGRAMMING: frozenset({Phase.LOADING}) | _FAILURE,
     Phase.LOADING: frozenset({Phase.SMOKE_TESTING}) | _FAILURE,
     Phase.SMOKE_TESTING: frozenset({Phase.ACTIVE}) | _FAILURE,
     Phase.REJECTED: frozenset(),
@@ -129,6 +148,9 @@ class Plan:
     sha256: str
     size: int
     pin: bool
+    #: The bitstream to program first, and where to get it when the device does not keep it.
+    program: bool = False
+    bitstream_url: str | None = None
 
 
 class Deployer:
@@ -137,11 +159,13 @@ class Deployer:
         registry: Registry,
         config: AgentConfig,
         capabilities: Callable[[], dict[str, Any]],
+        accelerators: Accelerators | None = None,
         policy: DownloadPolicy | None = None,
     ) -> None:
         self.registry = registry
         self.config = config
         self.capabilities = capabilities
+        self.accelerators = accelerators
         self.policy = policy or DownloadPolicy()
         self.downloads = config.state_dir / "downloads"
 
@@ -175,8 +199,12 @@ class Deployer:
             final = deployment.enter(Phase.ACTIVE, "already active")
             self._record(deployment, final)
             return final
+        programmed = False
         try:
             self._fetch(deployment, plan)
+            if plan.program:
+                self._program(deployment, plan)
+                programmed = True
             deployment.enter(Phase.LOADING)
             loaded = self.registry.load(plan.sha256)
             deployment.enter(Phase.SMOKE_TESTING, load_ms=round(loaded.load_seconds * 1e3, 2))
@@ -190,13 +218,17 @@ class Deployer:
             final = deployment.enter(Phase.ACTIVE, report.describe())
             self._record(deployment, final)
             return final
-        except DeployError as failure:
-            outcome = Phase.ROLLED_BACK if slot is not None else Phase.FAILED
-            return self._finish(deployment, outcome, failure)
         except BoostError as err:
+            if isinstance(err, DeployError):
+                stop = err
+            else:
+                stop = DeployError(
+                    "artifact" if isinstance(err, ArtifactError) else "load", str(err)
+                )
+            if programmed:
+                stop.message += f"; {self._revert_fpga()}"
             outcome = Phase.ROLLED_BACK if slot is not None else Phase.FAILED
-            code = "artifact" if isinstance(err, ArtifactError) else "load"
-            return self._finish(deployment, outcome, DeployError(code, str(err)))
+            return self._finish(deployment, outcome, stop)
 
     def _check(self, command: Command) -> Plan:
         """Everything that can be decided before a byte is downloaded."""
@@ -225,10 +257,129 @@ class Deployer:
         problems = incompatibilities(manifest, self.capabilities())
         if problems:
             raise DeployError("incompatible", "; ".join(problems))
+        program, bitstream_url = self._check_bitstream(command, manifest)
         if sha256 not in self.registry.disk.entries:
             unpacked = sum(f.size for f in manifest.files) + 2 * len(manifest_bytes)
+            if bitstream_url is not None and manifest.bitstream is not None:
+                unpacked += manifest.bitstream.size
             self._check_space(sha256, size, unpacked)
-        return Plan(manifest, manifest_bytes, signature, url, sha256, size, pin)
+        return Plan(
+            manifest, manifest_bytes, signature, url, sha256, size, pin, program, bitstream_url
+        )
+
+    def _check_bitstream(self, command: Command, manifest: Manifest) -> tuple[bool, str | None]:
+        """Whether the FPGA must be programmed for this build, and the URL to download the
+        bitstream from when the device does not keep it."""
+        ref = manifest.bitstream
+        fpga = self.accelerators.fpga if self.accelerators is not None else None
+        if ref is None or fpga is None or ref.board != fpga.board.name:
+            return False, None
+        vta = self.registry.vta
+        if vta is not None and vta.design == ref.design:
+            return False, None
+        if fpga.has(ref):
+            return True, None
+        url = command.body.get("bitstream_url")
+        if not isinstance(url, str) or not url:
+            raise DeployError(
+                "bitstream",
+                f"the build needs the {ref.board} bitstream of design {ref.design}, which this "
+                "device does not have, and the deploy command has no bitstream_url",
+            )
+        if not url_allowed(url, self.config.allowed_hosts):
+            raise DeployError(
+                "url-not-allowed",
+                f"bitstream {url} is not under an allowed build host; see [agent] allowed_hosts",
+            )
+        return True, url
+
+    def _program(self, deployment: Deployment, plan: Plan) -> None:
+        """Download the build's bitstream if needed and program the FPGA with it; on failure the
+        FPGA goes back to what it held."""
+        assert self.accelerators is not None and self.accelerators.fpga is not None
+        ref = plan.manifest.bitstream
+        assert ref is not None
+        fpga = self.accelerators.fpga
+        deployment.enter(Phase.PROGRAMMING, f"{ref.board} {ref.design} ({ref.sha256[:12]})")
+        if not fpga.has(ref):
+            assert plan.bitstream_url is not None
+            fpga.bitstreams.mkdir(parents=True, exist_ok=True)
+
+            def progress(have: int, total: int) -> None:
+                if have == total:
+                    deployment.publish(plan.bitstream_url or "", bytes=have, total=total)
+
+            try:
+                download(plan.bitstream_url, fpga.path(ref), ref.sha256, ref.size, progress,
+                         self.policy)  # fmt: skip
+            except DownloadError as err:
+                raise DeployError("download", f"bitstream: {err}") from err
+        failure = self._program_or_revert(ref)
+        if failure is not None:
+            raise DeployError("fpga", f"{failure}; {self._fpga_now()}")
+
+    def _program_or_revert(self, ref: BitstreamRef) -> FpgaError | None:
+        """Program ``ref`` with the VTA engine closed around it, going back to the bitstream
+        before when that fails; returns the failure."""
+        assert self.accelerators is not None and self.accelerators.fpga is not None
+        fpga, accelerators = self.accelerators.fpga, self.accelerators
+        failure: list[FpgaError] = []
+
+        def reprogram() -> VtaEngine | None:
+            try:
+                fpga.program(ref)
+            except FpgaError as err:
+                failure.append(err)
+                fpga.revert()
+            return accelerators.open_engine()
+
+        self.registry.replace_vta(reprogram)
+        return failure[0] if failure else None
+
+    def restore_fpga(self) -> None:
+        """After a reboot the FPGA holds none of the agent's designs: program the bitstream of
+        the first active model that needs one and whose bitstream the device keeps."""
+        fpga = self.accelerators.fpga if self.accelerators is not None else None
+        if fpga is None or fpga.loaded is not None:
+            return
+        with self.registry.lock:
+            active = [slot.active for slot in self.registry.state.models.values()]
+        for digest in active:
+            try:
+                verified = verify_unpacked(self.registry.disk.path(digest), self.registry.trusted)
+            except BoostError as err:
+                log.warning("cannot check %s for a bitstream: %s", digest[:12], err)
+                continue
+            ref = verified.manifest.bitstream
+            if ref is None or ref.board != fpga.board.name or not fpga.has(ref):
+                continue
+            log.info("FPGA: programming %s again for model %s", ref.design,
+                     verified.manifest.model_name)  # fmt: skip
+            failure = self._program_or_revert(ref)
+            if failure is None:
+                return
+            log.error("FPGA: %s", failure)
+
+    def _revert_fpga(self) -> str:
+        """Put the FPGA back to the bitstream it held before this deployment programmed it."""
+        assert self.accelerators is not None and self.accelerators.fpga is not None
+        fpga, accelerators = self.accelerators.fpga, self.accelerators
+
+        def revert() -> VtaEngine | None:
+            fpga.revert()
+            return accelerators.open_engine()
+
+        self.registry.replace_vta(revert)
+        return self._fpga_now()
+
+    def _fpga_now(self) -> str:
+        assert self.accelerators is not None and self.accelerators.fpga is not None
+        loaded = self.accelerators.fpga.loaded
+        return (
+            f"the FPGA holds {loaded.design} ({loaded.sha256[:12]}) again"
+            if loaded
+            else "the FPGA's design is unknown"
+        )
 
     def _check_space(self, sha256: str, size: int, unpacked: int) -> None:
         self.downloads.mkdir(parents=True, exist_ok=True)

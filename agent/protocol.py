@@ -135,9 +135,17 @@ def parse_command(verb: str, payload: bytes) -> Command:
 
 
 def deploy_command(
-    manifest: bytes, signature: bytes, url: str, sha256: str, size: int, pin: bool = False
+    manifest: bytes,
+    signature: bytes,
+    url: str,
+    sha256: str,
+    size: int,
+    pin: bool = False,
+    bitstream_url: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    """``bitstream_url``: where the bitstream the manifest references is, for a device whose
+    FPGA must be programmed."""
+    command = {
         "request_id": new_request_id(),
         "deploy_id": new_request_id(),
         "manifest": base64.b64encode(manifest).decode(),
@@ -147,6 +155,9 @@ def deploy_command(
         "size": size,
         "pin": pin,
     }
+    if bitstream_url is not None:
+        command["bitstream_url"] = bitstream_url
+    return command
 
 
 # --- tensors -------------------------------------------------------------------------------------

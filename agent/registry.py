@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ from agent.artifact import VerifiedArtifact, load_public_key, verify_unpacked
 from agent.cache import DiskCache, Eviction, LfuAging, ModuleCache
 from agent.config import AgentConfig
 from agent.errors import BoostError
+from agent.fpga import Fpga
 from agent.runtime import LoadedModel, TvmRuntime
 from agent.state import DeviceState, ModelSlot
 from vta.errors import VtaError
@@ -29,30 +30,63 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def open_vta(
-    accelerators: Sequence[dict[str, Any]], config: AgentConfig
-) -> tuple[VtaEngine, dict[str, Any]] | None:
-    """The VTA engine behind ``boost.vta.layer`` and the accelerator it drives: the first of
-    ``accelerators`` (as ``probe_accelerators`` ordered them) whose driver opens."""
-    from vta.engine import VtaEngine, register
+class Accelerators:
+    """The accelerators ``probe_accelerators`` found, the VTA engine behind ``boost.vta.layer``
+    that drives one of them, and the board's FPGA when it has one the agent can program."""
 
-    for accelerator in accelerators:
-        try:
-            driver = _driver(accelerator, config)
-        except VtaError as err:
-            log.warning("cannot use %s: %s", accelerator["kind"], err)
-            continue
-        if driver is None:
-            continue
-        engine = VtaEngine(driver)
-        register(engine)
-        log.info("VTA layers run on %s (design %s)", accelerator["kind"], engine.design)
-        return engine, accelerator
-    return None
+    def __init__(self, found: list[dict[str, Any]], config: AgentConfig) -> None:
+        from vta.drivers.pynq import BOARDS
+
+        self.found = found
+        self.config = config
+        self.fpga: Fpga | None = None
+        self._fpga_entry: dict[str, Any] = {}
+        for accelerator in found:
+            if accelerator["kind"] == "vta-fpga" and accelerator["board"] in BOARDS:
+                self.fpga = Fpga(config.state_dir, accelerator["board"], config.fpga_root)
+                self._fpga_entry = accelerator
+                break
+        self.current: dict[str, Any] | None = None
+
+    def advertised(self) -> list[dict[str, Any]]:
+        """What the capability document lists: the accelerator the engine drives (one VTA
+        accelerator serves every VTA build) and those without a design."""
+        return [a for a in self.found if not a.get("design") or a is self.current]
+
+    def open_engine(self) -> VtaEngine | None:
+        """A VTA engine on the first accelerator (in ``backends`` order) whose driver opens,
+        registered as the handler of ``boost.vta.layer``; None when none opens."""
+        from vta.engine import VtaEngine, register
+
+        if self.fpga is not None:
+            self.fpga.describe(self._fpga_entry)
+        self.current = None
+        for accelerator in self.found:
+            try:
+                driver = _driver(accelerator, self.config)
+            except VtaError as err:
+                log.warning("cannot use %s: %s", accelerator["kind"], err)
+                continue
+            if driver is None:
+                continue
+            engine = VtaEngine(driver)
+            register(engine)
+            self.current = accelerator
+            log.info("VTA layers run on %s (design %s)", accelerator["kind"], engine.design)
+            return engine
+        return None
 
 
 def _driver(accelerator: dict[str, Any], config: AgentConfig) -> Driver | None:
     kind = accelerator["kind"]
+    if kind == "vta-fpga":
+        from vta.config import from_design_id
+        from vta.drivers.pynq import BOARDS, PynqDriver
+
+        design, board = accelerator.get("design"), BOARDS.get(accelerator["board"])
+        if not design or board is None:
+            return None
+        return PynqDriver(from_design_id(design), board)
     if kind == "vta-serial":
         from vta.drivers.serial import SerialDriver
 
@@ -98,9 +132,13 @@ class Registry:
         self._runtime: TvmRuntime | None = None
 
     def open(self) -> None:
-        """Open the disk cache and load every active model again (a restart restores them)."""
+        """Open the disk cache."""
         with self.lock:
             self.disk.open()
+
+    def load_active(self) -> None:
+        """Load every active model again (a restart restores them)."""
+        with self.lock:
             for name, slot in list(self.state.models.items()):
                 if slot.active not in self.disk.entries:
                     log.error("model %s: active build %s is gone from the cache", name, slot.active)
@@ -160,6 +198,17 @@ class Registry:
         with self.lock:
             self._vta_builds[digest] = bundle.build_id
         return {INDEX, BLOB}
+
+    def replace_vta(self, reopen: Callable[[], VtaEngine | None]) -> None:
+        """Close the VTA engine (every module with layers on it leaves memory; each is loaded
+        again, onto the new engine, when next used) and put ``reopen()`` in its place."""
+        with self.lock:
+            for digest in list(self._vta_builds):
+                self.unload(digest)
+            if self.vta is not None:
+                self.vta.close()
+            self.vta = None
+            self.vta = reopen()
 
     def unload(self, digest: str) -> None:
         """Take a module out of memory (it stays in the disk cache)."""

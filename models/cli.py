@@ -32,6 +32,9 @@ from models.compiler import CompileRequest, compile_model, golden_inputs
 from models.fleet import Fleet, decode_outputs
 from models.progress import Progress
 from models.store import ArtifactStore, StoreServer
+from vta.bitstreams import CATALOG, catalog_entry, load_catalog
+from vta.config import VtaConfig
+from vta.drivers.pynq import BOARDS as FPGA_BOARDS
 
 
 def cmd_targets(args: argparse.Namespace, config: Config) -> int:
@@ -67,6 +70,7 @@ def cmd_compile(args: argparse.Namespace, config: Config) -> int:
         version=args.model_version,
         inputs=args.inputs,
         calibration=args.calibration,
+        fpga=args.fpga,
     )
     result = compile_model(
         request,
@@ -74,13 +78,47 @@ def cmd_compile(args: argparse.Namespace, config: Config) -> int:
         config.build.signing_key,
         config.build.builder_id,
         Progress(),
+        ArtifactStore(config.build.store_dir),
     )
     size = result.artifact.stat().st_size
+    manifest = result.manifest
     print(
-        f"{result.artifact}: {size / 1e6:.2f} MB, {result.manifest.target.name} "
-        f"({result.manifest.target.tvm_target.get('mcpu', 'generic')}), "
+        f"{result.artifact}: {size / 1e6:.2f} MB, {manifest.target.name} "
+        f"({manifest.target.tvm_target.get('mcpu', 'generic')}), "
         f"{result.tuning_records} tuning records, {result.seconds:.1f} s"
     )
+    if manifest.bitstream is not None:
+        ref = manifest.bitstream
+        print(f"bitstream: {ref.board} {ref.design} ({ref.sha256[:12]}, {ref.size} bytes)")
+    elif manifest.target.accelerator and (args.board in FPGA_BOARDS):
+        print(
+            f"bitstream: none in the store for {args.board}: devices must already hold design "
+            f"{manifest.target.accelerator.removeprefix('vta:')} ('boost-build bitstream add')"
+        )
+    return 0
+
+
+def cmd_bitstream_add(args: argparse.Namespace, config: Config) -> int:
+    entries = load_catalog(args.catalog)
+    design = args.design or VtaConfig().bitstream_id
+    entry = catalog_entry(entries, args.board, design)
+    ref = ArtifactStore(config.build.store_dir).add_bitstream(args.file, entry)
+    print(f"{ref.board} {ref.design}: {args.file} stored as sha256 {ref.sha256} ({ref.size} bytes)")
+    if not entry.sha256:
+        print(
+            f"note: the catalog has no published digest for it; this file's digest is now pinned. "
+            f"Check the file against {entry.source} and record the digest in {args.catalog}."
+        )
+    return 0
+
+
+def cmd_bitstream_list(args: argparse.Namespace, config: Config) -> int:
+    stored = ArtifactStore(config.build.store_dir).bitstreams()
+    print(f"{'board':9} {'design':26} {'in the store':14} source")
+    for entry in load_catalog(args.catalog):
+        ref = stored.get((entry.board, entry.design))
+        have = ref.sha256[:12] if ref else "no"
+        print(f"{entry.board:9} {entry.design:26} {have:14} {entry.source}")
     return 0
 
 
@@ -187,9 +225,19 @@ def _check_served(url: str, wait_s: float) -> None:
 
 def cmd_deploy(args: argparse.Namespace, config: Config) -> int:
     manifest_bytes, signature = read_manifest(args.artifact)
-    published = ArtifactStore(config.build.store_dir).publish(args.artifact)
+    store = ArtifactStore(config.build.store_dir)
+    published = store.publish(args.artifact)
     url = store_url(config) + published.url_path
     _check_served(url, args.wait)
+    bitstream_url = None
+    ref = published.manifest.bitstream
+    if ref is not None:
+        if not store.path_of(ref.sha256).is_file():
+            raise BoostError(
+                f"the artifact needs the {ref.board} bitstream {ref.sha256[:12]}, which is not in "
+                f"the store: 'boost-build bitstream add' it first"
+            )
+        bitstream_url = f"{store_url(config)}/sha256/{ref.sha256}"
     size = published.path.stat().st_size
 
     def show(device: str, event: dict[str, Any]) -> None:
@@ -212,6 +260,7 @@ def cmd_deploy(args: argparse.Namespace, config: Config) -> int:
             show,
             args.timeout,
             args.pin,
+            bitstream_url,
         )
     print(f"\n{'device':20} {'outcome':13} detail")
     for outcome in outcomes:
@@ -318,7 +367,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="--target vta: .npz of representative input batches, named like the inputs; "
         "test_inputs/test_labels, when present, measure accuracy (default: --inputs)",
     )
+    p.add_argument(
+        "--fpga",
+        metavar="BOARD",
+        help="--target vta: carry the store's bitstream of the design for this FPGA board, so "
+        "devices program it when they lack it (default: --board, when it is an FPGA board)",
+    )
     p.set_defaults(handler=cmd_compile)
+
+    p = sub.add_parser("bitstream", help="FPGA bitstreams: the catalog and the store")
+    bsub = p.add_subparsers(metavar="ACTION", required=True)
+    for action in ("add", "list"):
+        q = bsub.add_parser(
+            action,
+            help="check a bitstream file against the catalog and put it into the store"
+            if action == "add"
+            else "list the catalog's bitstreams and which the store holds",
+        )
+        q.add_argument(
+            "--catalog", type=Path, default=CATALOG, help=f"bitstream catalog (default: {CATALOG})"
+        )
+        if action == "add":
+            q.add_argument("file", type=Path)
+            q.add_argument("--board", required=True, help="the FPGA board it is for")
+            q.add_argument("--design", help=f"VTA design id (default: {VtaConfig().bitstream_id})")
+        q.set_defaults(handler=cmd_bitstream_add if action == "add" else cmd_bitstream_list)
 
     p = sub.add_parser("inspect", help="print an artifact's manifest")
     p.add_argument("artifact", type=Path)

@@ -33,7 +33,10 @@ from agent.capabilities import ISA_FEATURES
 from agent.errors import BoostError
 from models import targets, tvm_backend, vta_build
 from models.progress import Progress
+from models.store import ArtifactStore
 from models.tuning import TuningDatabase, TuningKey
+from vta.bitstreams import BitstreamRef
+from vta.drivers.pynq import BOARDS as FPGA_BOARDS
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ class CompileRequest:
     version: str = "1"
     inputs: Path | None = None
     calibration: Path | None = None
+    #: --target vta: the FPGA board whose bitstream the build carries (default: --board, when
+    #: it is an FPGA board).
+    fpga: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,11 +143,19 @@ def reference_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> l
 
 
 def compile_model(
-    request: CompileRequest, tuning_db: Path, signing_key: Path, builder_id: str, progress: Progress
+    request: CompileRequest,
+    tuning_db: Path,
+    signing_key: Path,
+    builder_id: str,
+    progress: Progress,
+    store: ArtifactStore | None = None,
 ) -> CompileResult:
+    """Compile, package and sign ``request``; a VTA build for an FPGA board carries the
+    ``store``'s bitstream of its design for that board, when the store has one."""
     start = time.monotonic()
     model, digest = load_onnx(request.model)
     spec = targets.resolve(request.target, request.board)
+    bitstream = _bitstream(spec, request.fpga, store)
     compiler = spec.check_compiler()
     if request.trials < 0:
         raise BoostError(f"--tune-trials must be 0 or more, got {request.trials}")
@@ -237,9 +251,33 @@ def compile_model(
                 "trials_this_build": request.trials,
             },
             quantization=quantization,
+            bitstream=bitstream,
         )
         out = request.output or Path(manifest.file_name)
         out.parent.mkdir(parents=True, exist_ok=True)
         with progress.stage(f"package {out}"):
             write_artifact(out, manifest, files, key)
     return CompileResult(out, manifest, time.monotonic() - start, tuning.record_count(tuning_key))
+
+
+def _bitstream(
+    spec: targets.TargetSpec, fpga: str | None, store: ArtifactStore | None
+) -> BitstreamRef | None:
+    if not spec.accelerator:
+        if fpga:
+            raise BoostError(f"--fpga applies to --target {targets.VTA_TARGET} builds only")
+        return None
+    board = fpga or (spec.board if spec.board in FPGA_BOARDS else None)
+    if board is None:
+        return None
+    if board not in FPGA_BOARDS:
+        raise BoostError(f"--fpga {board}: not an FPGA board; known: {', '.join(FPGA_BOARDS)}")
+    design = spec.accelerator.removeprefix("vta:")
+    ref = store.bitstreams().get((board, design)) if store is not None else None
+    if ref is None and fpga:
+        raise BoostError(
+            f"the artifact store has no {board} bitstream of design {design}: see 'boost-build "
+            f"bitstream list' for where to obtain it, then 'boost-build bitstream add FILE "
+            f"--board {board}'"
+        )
+    return ref

@@ -203,6 +203,7 @@ class Fleet:
         on_event: Callable[[str, dict[str, Any]], None],
         timeout_s: float,
         pin: bool = False,
+        bitstream_url: str | None = None,
     ) -> list[Outcome]:
         """Send the deploy command to every compatible online target and wait for each outcome."""
         manifest = Manifest.from_json(manifest_bytes, "artifact")
@@ -232,7 +233,9 @@ class Fleet:
                 elif problems:
                     outcomes[device.id] = Outcome(device.id, "incompatible", "; ".join(problems))
                 else:
-                    command = deploy_command(manifest_bytes, signature, url, sha256, size, pin)
+                    command = deploy_command(
+                        manifest_bytes, signature, url, sha256, size, pin, bitstream_url
+                    )
                     outcomes[device.id] = Outcome(device.id, "sent", "")
                     pending[command["deploy_id"]] = device.id
                     self.client.publish(

@@ -1,12 +1,15 @@
 """The artifact store: content-addressed files on disk, served over HTTP.
 
-Layout: ``<store>/sha256/<hex>`` holds the artifact whose sha256 is ``<hex>``; its URL path is
-``/sha256/<hex>``. Any static HTTP server or object store in front of this directory serves the
-same URLs; ``boost-build serve`` is the built-in one (HEAD, single ``Range``, ``ETag``).
+Layout: ``<store>/sha256/<hex>`` holds the artifact (or FPGA bitstream) whose sha256 is
+``<hex>``; its URL path is ``/sha256/<hex>``. ``<store>/bitstreams.json`` lists the bitstreams
+builds may reference, by board and design. Any static HTTP server or object store in front of
+this directory serves the same URLs; ``boost-build serve`` is the built-in one (HEAD, single
+``Range``, ``ETag``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,6 +22,8 @@ from pathlib import Path
 
 from agent.artifact import Manifest, read_manifest, sha256_file
 from agent.errors import BoostError
+from agent.fsutil import atomic_write_json
+from vta.bitstreams import BitstreamError, BitstreamRef, CatalogEntry
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +50,66 @@ class ArtifactStore:
     def path_of(self, digest: str) -> Path:
         return self.root / "sha256" / digest
 
+    @property
+    def bitstream_index(self) -> Path:
+        return self.root / "bitstreams.json"
+
     def publish(self, artifact: Path) -> Published:
         """Copy an artifact into the store under its sha256 (atomically; idempotent)."""
         manifest = Manifest.from_json(read_manifest(artifact)[0], str(artifact))
         digest = sha256_file(artifact)
+        return Published(digest, self._put(artifact, digest), manifest)
+
+    def _put(self, source: Path, digest: str) -> Path:
         dest = self.path_of(digest)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{digest}.tmp-{os.getpid()}")
             try:
-                shutil.copyfile(artifact, tmp)
+                shutil.copyfile(source, tmp)
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)
-        return Published(digest, dest, manifest)
+        return dest
+
+    def bitstreams(self) -> dict[tuple[str, str], BitstreamRef]:
+        """The bitstreams in the store, by (board, design)."""
+        if not self.bitstream_index.exists():
+            return {}
+        try:
+            raw = json.loads(self.bitstream_index.read_text())
+            refs = [BitstreamRef.from_json(r, str(self.bitstream_index)) for r in raw]
+        except (OSError, ValueError, BitstreamError) as err:
+            raise BoostError(
+                f"{self.bitstream_index} is damaged ({err}); remove it and add the bitstreams "
+                "again with 'boost-build bitstream add'"
+            ) from err
+        return {(r.board, r.design): r for r in refs}
+
+    def add_bitstream(self, bitstream: Path, entry: CatalogEntry) -> BitstreamRef:
+        """Put a bitstream file into the store as the catalog ``entry``'s design for its board.
+
+        The file must have the catalog's sha256; where the catalog has none yet, the file's own
+        digest is pinned: every build and device checks against it from then on."""
+        if not bitstream.is_file():
+            raise BoostError(f"{bitstream}: no such file")
+        digest = sha256_file(bitstream)
+        if entry.sha256 and digest != entry.sha256:
+            raise BoostError(
+                f"{bitstream} has sha256 {digest}, the catalog's {entry.board} {entry.design} "
+                f"bitstream has {entry.sha256}: obtain the file from {entry.source}"
+            )
+        self._put(bitstream, digest)
+        ref = BitstreamRef(
+            entry.board, entry.design, entry.file, digest, bitstream.stat().st_size,
+            dict(entry.axi_widths),
+        )  # fmt: skip
+        index = self.bitstreams()
+        index[ref.board, ref.design] = ref
+        atomic_write_json(self.bitstream_index, [r.to_json() for r in index.values()])
+        return ref
 
 
 class _Handler(BaseHTTPRequestHandler):

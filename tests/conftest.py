@@ -143,9 +143,14 @@ def agents(
 ) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def start(device: str = "dev1", extra: str = "", protocol: str = "5") -> AgentProcess:
+    def start(
+        device: str = "dev1",
+        extra: str = "",
+        protocol: str = "5",
+        env: dict[str, str] | None = None,
+    ) -> AgentProcess:
         agent = AgentProcess(
-            tmp_path / device, device, broker.url, store.url, keys[1], extra, protocol
+            tmp_path / device, device, broker.url, store.url, keys[1], extra, protocol, env or {}
         )
         started.append(agent.start())
         return agent

@@ -20,12 +20,41 @@ from vta.bundle import Bundle
 from vta.drivers.base import DeviceBuffer, Driver
 from vta.errors import VtaError
 from vta.lower import REGION_ALIGN, LoweredLayer, relocate
+from vta.runtime import CommandQueue, UopKernel
+from vta.sim import unpack_lanes
 
 PACKED_FUNCTION = "boost.vta.layer"
 #: Arenas start on a page so that every element size divides their address.
 ARENA_ALIGN = 4096
 assert ARENA_ALIGN % REGION_ALIGN == 0
 RUN_TIMEOUT_S = 30.0
+SMOKE_TIMEOUT_S = 5.0
+
+
+def smoke_test(driver: Driver) -> None:
+    """Check that the device computes: zero an accumulator tile, add 1 to it, store it, and read
+    back 1 in every lane. Raises ``VtaError`` when the device fails, hangs or answers wrongly."""
+    cfg = driver.config
+    queue = CommandQueue(driver)
+    out_bytes = cfg.elem_bytes(isa.MemId.OUT)
+    out = queue.alloc(out_bytes, isa.MemId.OUT)
+    try:
+        kernel = UopKernel((isa.Uop(0, 0, 0),))
+        queue.gemm(kernel, reset=True)
+        queue.alu(kernel, isa.AluOp.ADD, imm=1)
+        queue.dep_push(isa.Stage.COMPUTE, isa.Stage.STORE)
+        queue.dep_pop(isa.Stage.COMPUTE, isa.Stage.STORE)
+        queue.store_2d(out, 0, x_size=1, y_size=1, x_stride=1, sram_base=0)
+        queue.synchronize(SMOKE_TIMEOUT_S)
+        raw = np.frombuffer(driver.copy_out(out, out_bytes), np.uint8)
+    finally:
+        driver.free(out)
+    lanes = unpack_lanes(raw.reshape(1, -1), cfg.out_width, cfg.batch * cfg.block)
+    if not (lanes == 1).all():
+        raise VtaError(
+            f"the {cfg.bitstream_id} device computed {lanes.tolist()} for 0 + 1 in every lane: "
+            "the design is not the one it claims to be, or it is broken"
+        )
 
 
 class LayerRunner:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.artifact import (
     FileEntry,
+    Manifest,
     TargetInfo,
     load_private_key,
     load_public_key,
@@ -73,6 +74,8 @@ class AgentProcess:
     public_key: Path
     extra: str = ""
     protocol: str = "5"
+    #: Environment beyond the test's own; a PYTHONPATH entry goes before the repository's.
+    env: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,7 +103,8 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         self.write_config()
         env = {k: v for k, v in os.environ.items() if not k.startswith("BOOST_")}
-        env["PYTHONPATH"] = str(REPO)
+        env.update(self.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.env.get("PYTHONPATH"), str(REPO)]))
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "agent.cli", "--config", str(self.config), "start"],
@@ -254,9 +258,11 @@ def deploy(
 ) -> list[Outcome]:
     url, digest, size = store.publish(artifact)
     manifest, signature = read_manifest(artifact)
+    ref = Manifest.from_json(manifest).bitstream
+    bitstream_url = f"{store.url}/sha256/{ref.sha256}" if ref else None
     targets = fleet.select(selector)
     return fleet.deploy(
-        manifest, signature, url, digest, size, targets, lambda d, e: None, 120, pin
+        manifest, signature, url, digest, size, targets, lambda d, e: None, 120, pin, bitstream_url
     )
 
 

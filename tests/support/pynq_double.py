@@ -9,8 +9,11 @@ from typing import Any
 import numpy as np
 
 Event = tuple[Any, ...]
-#: The pynq-z1 register windows by name.
-MODULES = {0x43C00000: "fetch", 0x43C01000: "load", 0x43C02000: "compute", 0x43C03000: "store"}
+#: The register pages by name: pynq-z1's VTA modules, and the ZynqMP port width registers.
+MODULES = {
+    0x43C00000: "fetch", 0x43C01000: "load", 0x43C02000: "compute", 0x43C03000: "store",
+    0xFD615000: "fpd_slcr", 0xFD360000: "afifm0",
+}  # fmt: skip
 
 
 class FakeBuffer(np.ndarray):  # type: ignore[type-arg]

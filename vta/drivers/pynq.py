@@ -44,15 +44,45 @@ class Board:
     name: str
     registers: int  # the fetch module's window; load, compute and store follow 0x1000 apart
     device_tree_model: str  # what /proc/device-tree/model starts with on this board
+    zynqmp: bool  # Zynq UltraScale+: the PS port widths may need setting after programming
 
 
 BOARDS = {
     board.name: board
     for board in (
-        Board("pynq-z1", 0x43C00000, "TUL PYNQ-Z1"),
-        Board("ultra96", 0xA0000000, "Avnet Ultra96"),
-        Board("zcu104", 0xA0000000, "ZynqMP ZCU104"),
+        Board("pynq-z1", 0x43C00000, "TUL PYNQ-Z1", zynqmp=False),
+        Board("ultra96", 0xA0000000, "Avnet Ultra96", zynqmp=True),
+        Board("zcu104", 0xA0000000, "ZynqMP ZCU104", zynqmp=True),
     )
+}
+
+
+@dataclass(frozen=True)
+class PortWidth:
+    """Where a ZynqMP PS port's data width is set: a 2-bit field at ``shift`` in each of
+    ``registers`` (physical addresses), holding ``codes[width]``."""
+
+    registers: tuple[int, ...]
+    shift: int
+    codes: dict[int, int]
+
+
+_MASTER = {32: 0, 64: 1, 128: 2}  # FPD_SLCR AXI_FS: DW_SS0_SEL, DW_SS1_SEL
+_SLAVE = {128: 0, 64: 1, 32: 2}  # AFIFM RDCTRL and WRCTRL: FABRIC_WIDTH
+PORT_WIDTHS = {
+    "m_axi_hpm0_fpd": PortWidth((0xFD615000,), 8, _MASTER),
+    "m_axi_hpm1_fpd": PortWidth((0xFD615000,), 10, _MASTER),
+    **{
+        port: PortWidth((base, base + 0x14), 0, _SLAVE)
+        for port, base in (
+            ("s_axi_hpc0_fpd", 0xFD360000),
+            ("s_axi_hpc1_fpd", 0xFD370000),
+            ("s_axi_hp0_fpd", 0xFD380000),
+            ("s_axi_hp1_fpd", 0xFD390000),
+            ("s_axi_hp2_fpd", 0xFD3A0000),
+            ("s_axi_hp3_fpd", 0xFD3B0000),
+        )
+    },
 }
 
 
@@ -96,12 +126,22 @@ def import_pynq() -> ModuleType:
         ) from err
 
 
-def program(bitstream: Path, pynq: ModuleType) -> None:
-    """Load ``bitstream`` into the FPGA (needs root)."""
+def program(bitstream: Path, board: Board, axi_widths: dict[str, int], pynq: ModuleType) -> None:
+    """Load ``bitstream`` into ``board``'s FPGA (needs root), then give the ZynqMP PS ports the
+    widths the design was built with: PYNQ learns them from a .hwh, which VTA bitstreams lack."""
     try:
         pynq.Bitstream(str(bitstream)).download()
     except (OSError, RuntimeError, ValueError) as err:
         raise DriverError(f"programming the FPGA with {bitstream} failed: {err}") from err
+    if axi_widths and not board.zynqmp:
+        raise DriverError(f"{board.name} has no settable AXI port widths")
+    for port, width in sorted(axi_widths.items()):
+        spec = PORT_WIDTHS[port]
+        for register in spec.registers:
+            page = pynq.MMIO(register & ~(REGISTER_WINDOW - 1), REGISTER_WINDOW)
+            offset = register & (REGISTER_WINDOW - 1)
+            value = page.read(offset) & ~(0b11 << spec.shift)
+            page.write(offset, value | spec.codes[width] << spec.shift)
 
 
 class PynqDriver(Driver):
