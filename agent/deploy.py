@@ -274,8 +274,8 @@ class Deployer:
         fpga = self.accelerators.fpga if self.accelerators is not None else None
         if ref is None or fpga is None or ref.board != fpga.board.name:
             return False, None
-        vta = self.registry.vta
-        if vta is not None and vta.design == ref.design:
+        loaded = fpga.loaded
+        if loaded is not None and loaded.design == ref.design:
             return False, None
         if fpga.has(ref):
             return True, None
