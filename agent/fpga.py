@@ -117,8 +117,8 @@ class Fpga:
         before = self.loaded
         # Until the new design proves itself the FPGA's content is unknown, even after a crash.
         self._save(None, before)
-        pynq = self._import_pynq()
         try:
+            pynq = self._import_pynq()
             program(path, self.board, ref.axi_widths, pynq)
             states = [m["state"] for m in probe_fpga(self.root)]
             if states[:1] != [OPERATING]:

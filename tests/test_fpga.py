@@ -150,6 +150,19 @@ def test_a_damaged_kept_bitstream_is_never_programmed(
     assert not path.exists() and fake_board.programmed(board) == []
 
 
+def test_without_the_pynq_package_programming_fails_with_the_fix(
+    board: Path, tmp_path: Path
+) -> None:
+    def missing() -> ModuleType:
+        raise DriverError("the pynq package is not installed: `pip install mlinferbooster[pynq]`")
+
+    state = tmp_path / "state"
+    fpga = Fpga(state, "pynq-z1", board, pynq=missing)
+    with pytest.raises(FpgaError, match=r"mlinferbooster\[pynq\]"):
+        fpga.program(kept(state, "ok", tmp_path))
+    assert fpga.revert() is None and fake_board.programmed(board) == []
+
+
 def test_what_the_fpga_holds_is_forgotten_at_a_reboot(
     board: Path, fake_pynq: ModuleType, tmp_path: Path
 ) -> None:
