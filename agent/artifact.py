@@ -356,16 +356,23 @@ def open_artifact(
     return VerifiedArtifact(manifest, signer, dest)
 
 
-def verify_unpacked(root: Path, trusted: Iterable[Ed25519PublicKey]) -> VerifiedArtifact:
-    """Re-check an unpacked artifact (a cache entry) before it is loaded: the signature of its
-    ``manifest.json`` and the size and sha256 of every listed file."""
+def signed_manifest(root: Path, trusted: Iterable[Ed25519PublicKey]) -> tuple[Manifest, str]:
+    """The manifest of an unpacked artifact and the id of the trusted key that signed it (its
+    files are not checked)."""
     origin = str(root)
     try:
         manifest_bytes, signature = (root / MANIFEST).read_bytes(), (root / SIGNATURE).read_bytes()
     except OSError as err:
         raise ArtifactError(origin, f"cannot read the manifest: {err}") from err
     signer = verify_signature(manifest_bytes, signature, trusted, origin)
-    manifest = Manifest.from_json(manifest_bytes, origin)
+    return Manifest.from_json(manifest_bytes, origin), signer
+
+
+def verify_unpacked(root: Path, trusted: Iterable[Ed25519PublicKey]) -> VerifiedArtifact:
+    """Re-check an unpacked artifact (a cache entry) before it is loaded: the signature of its
+    ``manifest.json`` and the size and sha256 of every listed file."""
+    origin = str(root)
+    manifest, signer = signed_manifest(root, trusted)
     for entry in manifest.files:
         _check_name(entry.path, origin)
         path = root / entry.path

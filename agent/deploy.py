@@ -33,8 +33,8 @@ from agent.artifact import (
     Manifest,
     open_artifact,
     read_manifest,
+    signed_manifest,
     verify_signature,
-    verify_unpacked,
 )
 from agent.cache import CacheFullError
 from agent.capabilities import incompatibilities
@@ -345,16 +345,19 @@ class Deployer:
         with self.registry.lock:
             active = [slot.active for slot in self.registry.state.models.values()]
         for digest in active:
+            # The signed manifest vouches for the bitstream, which ``program`` checks against it;
+            # the model's own files are checked when it loads.
             try:
-                verified = verify_unpacked(self.registry.disk.path(digest), self.registry.trusted)
+                manifest, _ = signed_manifest(
+                    self.registry.disk.path(digest), self.registry.trusted
+                )
             except BoostError as err:
                 log.warning("cannot check %s for a bitstream: %s", digest[:12], err)
                 continue
-            ref = verified.manifest.bitstream
+            ref = manifest.bitstream
             if ref is None or ref.board != fpga.board.name or not fpga.has(ref):
                 continue
-            log.info("FPGA: programming %s again for model %s", ref.design,
-                     verified.manifest.model_name)  # fmt: skip
+            log.info("FPGA: programming %s again for model %s", ref.design, manifest.model_name)
             failure = self._program_or_revert(ref)
             if failure is None:
                 return

@@ -90,7 +90,7 @@ def cmd_compile(args: argparse.Namespace, config: Config) -> int:
     if manifest.bitstream is not None:
         ref = manifest.bitstream
         print(f"bitstream: {ref.board} {ref.design} ({ref.sha256[:12]}, {ref.size} bytes)")
-    elif manifest.target.accelerator and (args.board in FPGA_BOARDS):
+    elif manifest.target.accelerator and args.board in FPGA_BOARDS:
         print(
             f"bitstream: none in the store for {args.board}: devices must already hold design "
             f"{manifest.target.accelerator.removeprefix('vta:')} ('boost-build bitstream add')"
