@@ -9,7 +9,8 @@ On disk, ``<root>/sha256/<digest>/`` holds one verified artifact (``manifest.jso
 ``manifest.sig`` and its payload files). ``<root>/index.json`` keeps the usage counts; it is
 written atomically and, when it is missing or damaged, rebuilt from the entry directories (the
 counts start again from zero, nothing else is lost). Half-built entries (``.<digest>.tmp``) are
-removed when the cache opens.
+removed when the cache opens. ``source.json`` in each entry says where the artifact came from, so
+an entry found damaged when it is loaded is moved to ``<root>/quarantine/`` and downloaded again.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from typing import Generic, TypeVar
 
 from agent.artifact import MANIFEST, SIGNATURE, Manifest
 from agent.errors import ArtifactError, BoostError
-from agent.fsutil import atomic_write_json, fsync_dir
+from agent.fsutil import atomic_write_json, fsync_dir, remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+SOURCE = "source.json"
+#: Damaged entries kept for inspection; older ones are deleted.
+QUARANTINE_KEEP = 4
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 K = TypeVar("K")
 V = TypeVar("V")
@@ -99,6 +103,17 @@ class LfuAging:
         return chosen if need <= free else None
 
 
+@dataclass(frozen=True)
+class Source:
+    """The deploy command that brought an artifact: where it was downloaded from, the size of
+    the ``.boost``, and the signed manifest (base64), so a damaged entry can be deployed again."""
+
+    url: str
+    size: int
+    manifest: str
+    signature: str
+
+
 @dataclass
 class CacheEntry:
     digest: str
@@ -107,6 +122,7 @@ class CacheEntry:
     size: int
     installed: float
     usage: Usage
+    source: Source | None = None
 
 
 class DiskCache:
@@ -138,6 +154,7 @@ class DiskCache:
         for stale in (self.root / "sha256").glob(".*.tmp"):
             log.info("cache: removing the half-built entry %s", stale.name)
             shutil.rmtree(stale)
+        remove_stale_tmp(self.root)
         on_disk = {p.name for p in (self.root / "sha256").iterdir() if _DIGEST.match(p.name)}
         try:
             self.entries = self.read_index()
@@ -163,7 +180,10 @@ class DiskCache:
         entries = {}
         for digest, e in raw["entries"].items():
             usage = Usage(**e.pop("usage"))
-            entries[digest] = CacheEntry(digest=digest, usage=usage, **e)
+            source = e.pop("source", None)
+            entries[digest] = CacheEntry(
+                digest=digest, usage=usage, source=Source(**source) if source else None, **e
+            )
         return entries
 
     def _adopt(self, digest: str) -> None:
@@ -177,7 +197,13 @@ class DiskCache:
             return
         size = _tree_size(path)
         self.entries[digest] = CacheEntry(
-            digest, manifest.model_name, manifest.model_version, size, self.clock(), Usage(size)
+            digest,
+            manifest.model_name,
+            manifest.model_version,
+            size,
+            self.clock(),
+            Usage(size),
+            _read_source(path),
         )
 
     def save(self) -> None:
@@ -223,16 +249,22 @@ class DiskCache:
             for d in chosen
         ]
 
+    def staging_path(self, digest: str) -> Path:
+        return self.root / "sha256" / f".{digest}.tmp"
+
     def staging(self, digest: str) -> Path:
         """An empty directory to unpack into; ``install`` moves it into place."""
-        path = self.root / "sha256" / f".{digest}.tmp"
+        path = self.staging_path(digest)
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         return path
 
-    def install(self, digest: str, staged: Path, manifest: bytes, signature: bytes) -> CacheEntry:
+    def install(
+        self, digest: str, staged: Path, manifest: bytes, signature: bytes, source: Source
+    ) -> CacheEntry:
         (staged / MANIFEST).write_bytes(manifest)
         (staged / SIGNATURE).write_bytes(signature)
+        (staged / SOURCE).write_text(json.dumps(asdict(source)))
         for f in staged.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -241,12 +273,20 @@ class DiskCache:
         parsed = Manifest.from_json(manifest)
         size = _tree_size(self.path(digest))
         entry = CacheEntry(
-            digest, parsed.model_name, parsed.model_version, size, self.clock(), Usage(size)
+            digest, parsed.model_name, parsed.model_version, size, self.clock(), Usage(size), source
         )
         self.policy.touch(entry.usage, self.clock())
         self.entries[digest] = entry
         self.save()
         return entry
+
+    def free_disk(self, need: int, protected: Collection[str]) -> list[Eviction]:
+        """Evict until ``need`` bytes are released on the filesystem (whatever the budget says);
+        evicts nothing when even every unprotected entry would not be enough."""
+        chosen = self.policy.victims(
+            {d: e.usage for d, e in self.entries.items()}, need, 0, protected, self.clock()
+        )
+        return [self.remove(d, f"disk full: room for {need} bytes") for d in chosen or []]
 
     def remove(self, digest: str, reason: str) -> Eviction:
         entry = self.entries.pop(digest)
@@ -257,9 +297,33 @@ class DiskCache:
         self.save()
         return eviction
 
+    def quarantine(self, digest: str, reason: str) -> tuple[Eviction, Source | None]:
+        """Move a damaged entry out of the cache, keeping it under ``quarantine/`` for a look;
+        returns the eviction and where the entry came from."""
+        entry = self.entries.pop(digest)
+        jail = self.root / "quarantine"
+        jail.mkdir(exist_ok=True)
+        kept = jail / f"{digest}-{int(self.clock())}"
+        shutil.rmtree(kept, ignore_errors=True)
+        self.path(digest).rename(kept)
+        for old in sorted(jail.iterdir(), key=lambda p: p.stat().st_mtime)[:-QUARANTINE_KEEP]:
+            shutil.rmtree(old, ignore_errors=True)
+        eviction = Eviction(digest, "disk", entry.size, f"damaged, moved to {kept}: {reason}")
+        self.evictions.append(eviction)
+        log.error("cache: %s is damaged (%s); moved to %s", digest[:12], reason, kept)
+        self.save()
+        return eviction, entry.source
+
 
 def _tree_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _read_source(path: Path) -> Source | None:
+    try:
+        return Source(**json.loads((path / SOURCE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 class ModuleCache(Generic[V]):

@@ -71,6 +71,8 @@ class AgentConfig:
     serial_baud: int = field(default=921600, metadata=_bounded(1200, 16_000_000))
     fpga_root: Path = Path("/")
     metrics_interval_s: float = field(default=60.0, metadata=_bounded(1))
+    max_command_bytes: int = field(default=64 * 1024**2, metadata=_bounded(1024))
+    step_timeout_s: float = field(default=300.0, metadata=_bounded(1))
     mqtt: MqttConfig = MqttConfig()
     cache: CacheConfig = CacheConfig()
 

@@ -1,7 +1,8 @@
 """``boost-agent start``: the device daemon.
 
 One MQTT session (paho-mqtt's network thread) receives commands; deployments run one at a time on
-a worker thread, inference on a thread pool, everything else inline. Birth and death follow the
+a worker thread (each written to disk first, so one cut short by a crash runs again after the
+restart), inference on a thread pool, everything else inline. Birth and death follow the
 contract: the will (``online: false``) is registered at connect with the bdseq of that session,
 and every (re)connect subscribes again and publishes a new birth with a new bdseq.
 """
@@ -26,7 +27,7 @@ from agent import mqtt
 from agent.cache import Eviction
 from agent.capabilities import default_device_id, probe, probe_accelerators
 from agent.config import AgentConfig
-from agent.deploy import Deployer
+from agent.deploy import Deployer, PendingDeploys, repair_command
 from agent.errors import BoostError
 from agent.protocol import (
     Command,
@@ -42,7 +43,7 @@ from agent.protocol import (
     now,
     parse_command,
 )
-from agent.registry import Accelerators, Registry, UnknownModelError
+from agent.registry import Accelerators, DamagedError, Registry, UnknownModelError
 from agent.runtime import InferenceInputError
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class Agent:
         self.deployer = Deployer(self.registry, config, self.capabilities, self.accelerators)
         self.metrics = Metrics()
         self.stopping = threading.Event()
-        self.deploys: queue.Queue[Command | None] = queue.Queue()
+        self.pending = PendingDeploys(config.state_dir / "pending")
+        self.deploys: queue.Queue[tuple[Command, int] | None] = queue.Queue()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
         self._requests: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
         self._requests_lock = threading.Lock()
@@ -136,7 +138,11 @@ class Agent:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         self.registry.open()
         self.deployer.restore_fpga()
-        self.registry.load_active()
+        for damaged in self.registry.load_active():
+            self._repair(damaged)
+        for command, attempts in self.pending.resume():
+            log.info("deploy %s: carrying out again after a restart", command.request_id)
+            self.deploys.put((command, attempts))
         self._caps = self._probe()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
@@ -231,11 +237,28 @@ class Agent:
     # --- commands --------------------------------------------------------------------------------
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        """Every command gets an answer or a structured error; nothing a message holds may stop
+        the network thread."""
         verb = command_verb(message.topic)
         if verb is None:
             return
         try:
-            command = parse_command(verb, bytes(message.payload))
+            self._handle(verb, bytes(message.payload))
+        except Exception:
+            log.exception("command %s on %s crashed", verb, message.topic)
+            self._publish(
+                self.topic("events"),
+                error_reply(None, "internal", f"the {verb} command crashed; see the agent's log"),
+            )
+
+    def _handle(self, verb: str, payload: bytes) -> None:
+        limit = self.config.max_command_bytes
+        if len(payload) > limit:
+            message = f"{verb}: {len(payload)} bytes; commands are limited to {limit} bytes"
+            self._publish(self.topic("events"), error_reply(None, "too-large", message))
+            return
+        try:
+            command = parse_command(verb, payload)
         except ProtocolError as err:
             self._publish(self.topic("events"), error_reply(None, err.code, err.message))
             return
@@ -274,23 +297,38 @@ class Agent:
         self._publish(command.reply_to or self.topic("events"), answer)
 
     def _queue_deploy(self, command: Command) -> None:
-        self.deploys.put(command)
+        self.pending.add(command)  # before the broker learns the command arrived
+        self.deploys.put((command, 0))
         return None
 
+    def _repair(self, damaged: DamagedError) -> None:
+        """Download a quarantined build again, as the deploy command that brought it did."""
+        command = repair_command(damaged)
+        if command is None:
+            log.error("%s", damaged)
+            return
+        log.warning("%s: %s", command.request_id, damaged)
+        self._queue_deploy(command)
+
     def _deploy_worker(self) -> None:
-        while (command := self.deploys.get()) is not None:
+        while (item := self.deploys.get()) is not None:
+            command, attempts = item
 
             def emit(event: dict[str, Any], final: bool, command: Command = command) -> None:
                 self._publish(self.topic("events"), event)
                 if final and command.reply_to:
                     self._publish(command.reply_to, event)
 
-            try:
-                final = self.deployer.run(command, emit)
-            except Exception:  # a bug must not kill the worker: report and keep serving
-                log.exception("deployment %s crashed", command.request_id)
-                final = error_reply(command.request_id, "internal", "the deployment crashed")
-                emit(final, True)
+            if attempts >= PendingDeploys.MAX_ATTEMPTS:
+                final = self.deployer.fail(
+                    command,
+                    emit,
+                    "crashed",
+                    f"the agent stopped {attempts} times during this deployment; given up",
+                )
+            else:
+                final = self.deployer.run(command, emit, self.config.step_timeout_s)
+            self.pending.done(command)
             with self._requests_lock:
                 self._requests[command.request_id] = final
             self._caps = self._probe()
@@ -330,6 +368,9 @@ class Agent:
             answer = error_reply(command.request_id, err.code, err.message)
         except UnknownModelError as err:
             answer = error_reply(command.request_id, "unknown-model", str(err))
+        except DamagedError as err:
+            self._repair(err)
+            answer = error_reply(command.request_id, "damaged", str(err))
         except InferenceInputError as err:
             answer = error_reply(command.request_id, "bad-input", str(err))
         except BoostError as err:

@@ -7,7 +7,9 @@
         │  └───> loading | programming          (the build is in the cache: re-verified on load)
         v
     downloading > verifying > installing > [programming] > loading > smoke-testing > active
-        └────────────┴────────────┴─────────────┴──────────────┴──────────┴─> rolled-back | failed
+        ^                                                     │
+        └─────────────────────────────────────────────────────┘ (the cached copy was damaged)
+    any phase ─> rolled-back | failed
 
 ``programming`` happens when the build carries a bitstream for this board's FPGA and the FPGA
 does not hold its design: the bitstream is downloaded (unless the device keeps it), loaded and
@@ -16,17 +18,28 @@ checked; if that or the build's smoke test fails, the FPGA goes back to the bits
 A failure after acceptance ends in ``rolled-back`` when the model has an active version (it keeps
 serving) and in ``failed`` when it has none. Every transition is published as an event carrying the
 request id, the deploy id and a sequence number that rises by one per event of the deployment.
+
+A deploy command is written to ``<state_dir>/pending/`` before the broker learns it arrived and
+removed once its outcome is recorded, so a deployment cut short by a crash or a power loss runs
+again after the restart (``PendingDeploys``). A step that makes no progress for ``[agent]
+step_timeout_s`` is abandoned: the deployment ends with a ``timeout`` error and the next one runs.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
+import hashlib
+import json
 import logging
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.artifact import (
@@ -36,14 +49,15 @@ from agent.artifact import (
     signed_manifest,
     verify_signature,
 )
-from agent.cache import CacheFullError
+from agent.cache import CacheFullError, Source
 from agent.capabilities import incompatibilities
 from agent.config import AgentConfig
-from agent.download import DownloadError, DownloadPolicy, download, url_allowed
+from agent.download import DiskFullError, DownloadError, DownloadPolicy, download, url_allowed
 from agent.errors import ArtifactError, BoostError, SignatureError
 from agent.fpga import FpgaError
-from agent.protocol import Command, ProtocolError, check_name, now
-from agent.registry import Accelerators, Registry
+from agent.fsutil import atomic_write_json
+from agent.protocol import Command, ProtocolError, check_name, new_request_id, now
+from agent.registry import Accelerators, DamagedError, Loaded, Registry
 from agent.runtime import golden_check
 from agent.state import ModelSlot
 
@@ -82,7 +96,7 @@ TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
     Phase.VERIFYING: frozenset({Phase.INSTALLING}) | _FAILURE,
     Phase.INSTALLING: frozenset({Phase.PROGRAMMING, Phase.LOADING}) | _FAILURE,
     Phase.PROGRAMMING: frozenset({Phase.LOADING}) | _FAILURE,
-    Phase.LOADING: frozenset({Phase.SMOKE_TESTING}) | _FAILURE,
+    Phase.LOADING: frozenset({Phase.SMOKE_TESTING, Phase.DOWNLOADING}) | _FAILURE,
     Phase.SMOKE_TESTING: frozenset({Phase.ACTIVE}) | _FAILURE,
     Phase.REJECTED: frozenset(),
     Phase.ACTIVE: frozenset(),
@@ -104,8 +118,22 @@ class DeployError(BoostError):
         super().__init__(message)
 
 
+class Abandoned(Exception):  # noqa: N818 - a signal to the abandoned thread, not an error
+    """Raised in a deployment's thread once the deployment was given up (no progress)."""
+
+
+def deploy_id_of(command: Command) -> str:
+    deploy_id = command.body.get("deploy_id")
+    if isinstance(deploy_id, str) and 0 < len(deploy_id) <= 128:
+        return deploy_id
+    return command.request_id
+
+
 class Deployment:
-    """The events of one deployment; refuses any transition the table does not have."""
+    """The events of one deployment; refuses any transition the table does not have.
+
+    ``last_event`` (monotonic seconds) tells the watchdog whether it still makes progress; once
+    ``cancelled`` every further event raises ``Abandoned`` in the thread that carries it out."""
 
     def __init__(self, request_id: str, deploy_id: str, emit: Emit) -> None:
         self.request_id = request_id
@@ -114,17 +142,34 @@ class Deployment:
         self.phase: Phase | None = None
         self.seq = 0
         self.about: dict[str, Any] = {}
+        self.had_active = False
+        self.cancelled = False
+        self.committed = False
+        self.last_event = time.monotonic()
+        self._lock = threading.Lock()
 
-    def enter(self, phase: Phase, detail: str = "", **extra: Any) -> dict[str, Any]:
-        allowed = TRANSITIONS[self.phase] if self.phase else frozenset({Phase.ACCEPTED})
-        if phase not in allowed:
-            raise AssertionError(f"deployment cannot go from {self.phase} to {phase}")
-        self.phase = phase
-        return self.publish(detail, **extra)
+    def enter(
+        self, phase: Phase, detail: str = "", abandoning: bool = False, **extra: Any
+    ) -> dict[str, Any]:
+        with self._lock:
+            if self.cancelled and not abandoning:
+                raise Abandoned(self.deploy_id)
+            allowed = TRANSITIONS[self.phase] if self.phase else frozenset({Phase.ACCEPTED})
+            if phase not in allowed:
+                raise AssertionError(f"deployment cannot go from {self.phase} to {phase}")
+            self.phase = phase
+            return self._publish(detail, extra)
 
     def publish(self, detail: str = "", **extra: Any) -> dict[str, Any]:
+        with self._lock:
+            if self.cancelled:
+                raise Abandoned(self.deploy_id)
+            return self._publish(detail, extra)
+
+    def _publish(self, detail: str, extra: dict[str, Any]) -> dict[str, Any]:
         assert self.phase is not None
         self.seq += 1
+        self.last_event = time.monotonic()
         event = {
             "request_id": self.request_id,
             "deploy_id": self.deploy_id,
@@ -137,6 +182,52 @@ class Deployment:
         }
         self.emit(event, self.phase in TERMINAL)
         return event
+
+
+class PendingDeploys:
+    """Deploy commands received and not yet finished, one file each under ``directory``."""
+
+    #: A deployment the agent died in this many times is given up (a crash loop must end).
+    MAX_ATTEMPTS = 3
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, command: Command) -> Path:
+        name = hashlib.sha256(deploy_id_of(command).encode()).hexdigest()
+        return self.directory / f"{name}.json"
+
+    def add(self, command: Command, attempts: int = 0) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = {
+            "request_id": command.request_id,
+            "reply_to": command.reply_to,
+            "body": dict(command.body),
+            "attempts": attempts,
+        }
+        atomic_write_json(self._path(command), record)
+
+    def done(self, command: Command) -> None:
+        self._path(command).unlink(missing_ok=True)
+
+    def resume(self) -> list[tuple[Command, int]]:
+        """The unfinished commands, oldest first, with how often the agent already started each
+        (the count is raised on disk now)."""
+        if not self.directory.is_dir():
+            return []
+        out = []
+        for path in sorted(self.directory.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                raw = json.loads(path.read_text())
+                command = Command("deploy", raw["request_id"], raw["reply_to"], raw["body"])
+                attempts = int(raw["attempts"]) + 1
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.error("%s is damaged (%s); removed", path, err)
+                path.unlink(missing_ok=True)
+                continue
+            self.add(command, attempts)
+            out.append((command, attempts))
+        return out
 
 
 @dataclass(frozen=True)
@@ -168,12 +259,15 @@ class Deployer:
         self.accelerators = accelerators
         self.policy = policy or DownloadPolicy()
         self.downloads = config.state_dir / "downloads"
+        #: Digests an abandoned deployment's thread may still be writing.
+        self._busy: set[str] = set()
 
-    def run(self, command: Command, emit: Emit) -> dict[str, Any]:
-        """Carry out one deploy command; returns its final event."""
-        deploy_id = command.body.get("deploy_id", command.request_id)
-        if not isinstance(deploy_id, str) or not deploy_id:
-            deploy_id = command.request_id
+    def run(
+        self, command: Command, emit: Emit, step_timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Carry out one deploy command; returns its final event. With ``step_timeout_s`` it
+        runs on its own thread and is abandoned when no event comes for that long."""
+        deploy_id = deploy_id_of(command)
         with self.registry.lock:
             done = self.registry.state.deploys.get(deploy_id)
         if done is not None:
@@ -181,6 +275,66 @@ class Deployer:
             emit(replay, True)
             return replay
         deployment = Deployment(command.request_id, deploy_id, emit)
+        if step_timeout_s is None:
+            return self._run(command, deployment)
+        result: list[dict[str, Any]] = []
+
+        def carry_out() -> None:
+            try:
+                result.append(self._run(command, deployment))
+            except Abandoned:
+                log.warning("deploy %s: the abandoned step ended", deploy_id)
+            finally:
+                if deployment.cancelled:
+                    self._busy.discard(deployment.about.get("digest", ""))
+
+        worker = threading.Thread(target=carry_out, name=f"deploy-{deploy_id[:8]}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(min(1.0, step_timeout_s / 4))
+            if worker.is_alive() and time.monotonic() - deployment.last_event > step_timeout_s:
+                final = self._abandon(deployment, step_timeout_s)
+                if final is not None:
+                    return final
+        return result[0]
+
+    def fail(self, command: Command, emit: Emit, code: str, message: str) -> dict[str, Any]:
+        """End a deployment that cannot be carried out with ``failed``."""
+        deployment = Deployment(command.request_id, deploy_id_of(command), emit)
+        deployment.enter(Phase.ACCEPTED)
+        return self._finish(deployment, Phase.FAILED, DeployError(code, message))
+
+    def _abandon(self, deployment: Deployment, step_timeout_s: float) -> dict[str, Any] | None:
+        """Give up a deployment stuck in a step; None when it already activated its build (its
+        final event is on the way)."""
+        with self.registry.lock:
+            if deployment.committed:
+                return None
+            deployment.cancelled = True
+            if "digest" in deployment.about:
+                self._busy.add(deployment.about["digest"])
+        assert deployment.phase is not None
+        failure = DeployError(
+            "timeout",
+            f"{deployment.phase.value}: no progress for {step_timeout_s:g} s; the step was "
+            "abandoned (see [agent] step_timeout_s)",
+        )
+        outcome = Phase.ROLLED_BACK if deployment.had_active else Phase.FAILED
+        return self._finish(deployment, outcome, failure, abandoning=True)
+
+    def _run(self, command: Command, deployment: Deployment) -> dict[str, Any]:
+        try:
+            return self._pipeline(command, deployment)
+        except Abandoned:
+            raise
+        except Exception:  # a bug must not leave the build host waiting: report it
+            log.exception("deploy %s crashed", deployment.deploy_id)
+            if deployment.phase is None:
+                deployment.enter(Phase.ACCEPTED)
+            internal = DeployError("internal", "the deployment crashed; see the agent's log")
+            return self._finish(deployment, Phase.FAILED, internal)
+
+    def _pipeline(self, command: Command, deployment: Deployment) -> dict[str, Any]:
         deployment.enter(Phase.ACCEPTED)
         try:
             plan = self._check(command)
@@ -194,7 +348,9 @@ class Deployer:
         }
         with self.registry.lock:
             slot = self.registry.state.models.get(manifest.model_name)
-        if slot is not None and slot.active == plan.sha256:
+            cached = plan.sha256 in self.registry.disk.entries
+        deployment.had_active = slot is not None
+        if slot is not None and slot.active == plan.sha256 and cached:
             self._pin(plan)
             final = deployment.enter(Phase.ACTIVE, "already active")
             self._record(deployment, final)
@@ -205,8 +361,7 @@ class Deployer:
             if plan.program:
                 self._program(deployment, plan)
                 programmed = True
-            deployment.enter(Phase.LOADING)
-            loaded = self.registry.load(plan.sha256)
+            loaded = self._load(deployment, plan)
             deployment.enter(Phase.SMOKE_TESTING, load_ms=round(loaded.load_seconds * 1e3, 2))
             golden = manifest.golden
             report = golden_check(
@@ -214,21 +369,29 @@ class Deployer:
             )
             if not report.passed:
                 raise DeployError("smoke-test", report.describe())
-            self._activate(plan)
+            self._activate(deployment, plan)
             final = deployment.enter(Phase.ACTIVE, report.describe())
             self._record(deployment, final)
             return final
-        except BoostError as err:
-            if isinstance(err, DeployError):
-                stop = err
-            else:
-                stop = DeployError(
-                    "artifact" if isinstance(err, ArtifactError) else "load", str(err)
-                )
+        except (BoostError, OSError) as err:
+            stop = _stop_reason(err)
             if programmed:
                 stop.message += f"; {self._revert_fpga()}"
             outcome = Phase.ROLLED_BACK if slot is not None else Phase.FAILED
             return self._finish(deployment, outcome, stop)
+
+    def _load(self, deployment: Deployment, plan: Plan) -> Loaded:
+        """Load the installed build; a cached copy found damaged (and quarantined) is
+        downloaded again, once."""
+        deployment.enter(Phase.LOADING)
+        try:
+            return self.registry.load(plan.sha256)
+        except DamagedError as err:
+            log.warning("deploy %s: %s", deployment.deploy_id, err)
+            self._check_space(plan.sha256, plan.size, _unpacked_size(plan))
+            self._fetch(deployment, plan)
+            deployment.enter(Phase.LOADING)
+            return self.registry.load(plan.sha256)
 
     def _check(self, command: Command) -> Plan:
         """Everything that can be decided before a byte is downloaded."""
@@ -240,6 +403,11 @@ class Deployer:
         pin = command.body.get("pin", False) is True
         if not _SHA256.match(sha256):
             raise DeployError("bad-request", f"sha256 {sha256!r} is not 64 lowercase hex digits")
+        if sha256 in self._busy:
+            raise DeployError(
+                "busy",
+                f"an abandoned deployment of {sha256[:12]} is still stuck in a step; try later",
+            )
         try:
             verify_signature(manifest_bytes, signature, self.registry.trusted, "deploy command")
             manifest = Manifest.from_json(manifest_bytes, "deploy command")
@@ -258,14 +426,12 @@ class Deployer:
         if problems:
             raise DeployError("incompatible", "; ".join(problems))
         program, bitstream_url = self._check_bitstream(command, manifest)
-        if sha256 not in self.registry.disk.entries:
-            unpacked = sum(f.size for f in manifest.files) + 2 * len(manifest_bytes)
-            if bitstream_url is not None and manifest.bitstream is not None:
-                unpacked += manifest.bitstream.size
-            self._check_space(sha256, size, unpacked)
-        return Plan(
+        plan = Plan(
             manifest, manifest_bytes, signature, url, sha256, size, pin, program, bitstream_url
         )
+        if sha256 not in self.registry.disk.entries:
+            self._check_space(sha256, size, _unpacked_size(plan))
+        return plan
 
     def _check_bitstream(self, command: Command, manifest: Manifest) -> tuple[bool, str | None]:
         """Whether the FPGA must be programmed for this build, and the URL to download the
@@ -313,7 +479,7 @@ class Deployer:
                 download(plan.bitstream_url, fpga.path(ref), ref.sha256, ref.size, progress,
                          self.policy)  # fmt: skip
             except DownloadError as err:
-                raise DeployError("download", f"bitstream: {err}") from err
+                raise DeployError(_download_code(err), f"bitstream: {err}") from err
         failure = self._program_or_revert(ref)
         if failure is not None:
             raise DeployError("fpga", f"{failure}; {self._fpga_now()}")
@@ -392,13 +558,17 @@ class Deployer:
             self.registry.make_room(unpacked, keep=sha256)
         except CacheFullError as err:
             raise DeployError("cache-full", str(err)) from err
-        free = shutil.disk_usage(self.downloads).free
         needed = size - have + unpacked + DISK_MARGIN
+        free = shutil.disk_usage(self.downloads).free
+        if free < needed:
+            self.registry.free_disk(needed - free, keep=sha256)
+            free = shutil.disk_usage(self.downloads).free
         if free < needed:
             raise DeployError(
                 "disk-space",
                 f"{needed} bytes needed on {self.downloads} (artifact, unpacked copy and a "
-                f"{DISK_MARGIN} byte margin), {free} free; free space or lower the cache budget",
+                f"{DISK_MARGIN} byte margin), {free} free after evicting what may be evicted; "
+                "free space or lower the cache budget",
             )
 
     def _fetch(self, deployment: Deployment, plan: Plan) -> None:
@@ -417,8 +587,9 @@ class Deployer:
         try:
             transferred = download(plan.url, target, plan.sha256, plan.size, progress, self.policy)
         except DownloadError as err:
-            raise DeployError("download", str(err)) from err
+            raise DeployError(_download_code(err), str(err)) from err
         deployment.enter(Phase.VERIFYING, f"{transferred} bytes transferred")
+        staged = self.registry.disk.staging_path(plan.sha256)
         try:
             if read_manifest(target) != (plan.manifest_bytes, plan.signature):
                 raise DeployError(
@@ -426,21 +597,37 @@ class Deployer:
                     "the downloaded artifact's manifest differs from the deploy command's",
                 )
             deployment.enter(Phase.INSTALLING)
-            staged = self.registry.disk.staging(plan.sha256)
+            self.registry.disk.staging(plan.sha256)
             open_artifact(target, self.registry.trusted, staged)
+            source = Source(
+                plan.url,
+                plan.size,
+                base64.b64encode(plan.manifest_bytes).decode(),
+                base64.b64encode(plan.signature).decode(),
+            )
             with self.registry.lock:
-                self.registry.disk.install(plan.sha256, staged, plan.manifest_bytes, plan.signature)
+                self.registry.disk.install(
+                    plan.sha256, staged, plan.manifest_bytes, plan.signature, source
+                )
         finally:
             target.unlink(missing_ok=True)
+            shutil.rmtree(staged, ignore_errors=True)
 
-    def _activate(self, plan: Plan) -> None:
+    def _activate(self, deployment: Deployment, plan: Plan) -> None:
         name = plan.manifest.model_name
         with self.registry.lock:
+            if deployment.cancelled:
+                raise Abandoned(deployment.deploy_id)
+            deployment.committed = True
             state = self.registry.state
             previous = state.models.get(name)
-            state.models[name] = ModelSlot(
-                plan.sha256, plan.manifest.model_version, previous.active if previous else None
-            )
+            if previous is None:
+                last_good = None
+            elif previous.active == plan.sha256:  # the same build again (a damaged copy)
+                last_good = previous.last_good
+            else:
+                last_good = previous.active
+            state.models[name] = ModelSlot(plan.sha256, plan.manifest.model_version, last_good)
             if plan.pin:
                 state.pins.add(plan.sha256)
             state.save()
@@ -452,15 +639,20 @@ class Deployer:
                 self.registry.state.pins.add(plan.sha256)
                 self.registry.state.save()
 
-    def _finish(self, deployment: Deployment, phase: Phase, failure: DeployError) -> dict[str, Any]:
+    def _finish(
+        self, deployment: Deployment, phase: Phase, failure: DeployError, abandoning: bool = False
+    ) -> dict[str, Any]:
         log.warning("deploy %s: %s (%s)", deployment.deploy_id, phase.value, failure.message)
         digest = deployment.about.get("digest")
-        if digest is not None:
+        if digest is not None and not abandoning:
             with self.registry.lock:
                 if digest not in self.registry.state.protected():
                     self.registry.unload(digest)
         final = deployment.enter(
-            phase, failure.message, error={"code": failure.code, "message": failure.message}
+            phase,
+            failure.message,
+            abandoning,
+            error={"code": failure.code, "message": failure.message},
         )
         self._record(deployment, final)
         return final
@@ -468,3 +660,42 @@ class Deployer:
     def _record(self, deployment: Deployment, final: dict[str, Any]) -> None:
         with self.registry.lock:
             self.registry.state.record_deploy(deployment.deploy_id, final)
+
+
+def _unpacked_size(plan: Plan) -> int:
+    """Bytes the build takes in the cache (and its bitstream, when it must be downloaded)."""
+    unpacked = sum(f.size for f in plan.manifest.files) + 4 * len(plan.manifest_bytes)
+    if plan.bitstream_url is not None and plan.manifest.bitstream is not None:
+        unpacked += plan.manifest.bitstream.size
+    return unpacked
+
+
+def _stop_reason(err: BoostError | OSError) -> DeployError:
+    if isinstance(err, DeployError):
+        return err
+    if isinstance(err, OSError):
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        return DeployError("disk-full" if full else "io", f"{err}")
+    return DeployError("artifact" if isinstance(err, ArtifactError) else "load", str(err))
+
+
+def _download_code(err: DownloadError) -> str:
+    return "disk-full" if isinstance(err, DiskFullError) else "download"
+
+
+def repair_command(damaged: DamagedError) -> Command | None:
+    """The deploy command that brings a quarantined build back (None when its source is not
+    known): the command that brought it, under a new id."""
+    source = damaged.source
+    if source is None:
+        return None
+    request_id = f"repair-{new_request_id()}"
+    body = {
+        "request_id": request_id,
+        "manifest": source.manifest,
+        "signature": source.signature,
+        "url": source.url,
+        "sha256": damaged.digest,
+        "size": source.size,
+    }
+    return Command("deploy", request_id, None, body)

@@ -3,11 +3,14 @@
 Bytes go into ``<digest>.partial``; an interrupted transfer resumes from its size with an HTTP
 ``Range`` request (guarded by ``If-Range`` on the content-addressed ETag). When every byte is there
 the file is fsynced, its sha256 checked and only then renamed to its final name, so a reader never
-sees a partial or corrupt artifact under the final name.
+sees a partial or corrupt artifact under the final name. A connection that ends early is resumed at
+once when it brought bytes; only attempts that bring nothing count against the policy and wait.
+A full disk ends the download and removes the partial file.
 """
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import os
@@ -32,6 +35,10 @@ class DownloadError(BoostError):
     """An artifact could not be downloaded, or its bytes do not match the expected sha256."""
 
 
+class DiskFullError(DownloadError):
+    """The filesystem filled up during a download."""
+
+
 def url_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
     """Whether ``url`` lies under one of the allow-listed base URLs (scheme, host, port, path)."""
     target = urlsplit(url)
@@ -51,6 +58,7 @@ def url_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
 
 @dataclass(frozen=True)
 class DownloadPolicy:
+    #: Consecutive attempts that bring no byte before the download is given up.
     attempts: int = 6
     timeout_s: float = 30.0
     backoff_s: float = 0.5
@@ -72,18 +80,31 @@ def download(
     """Fetch ``url`` into ``dest`` (resuming ``dest.partial``); returns the bytes transferred."""
     partial = dest.with_name(dest.name + ".partial")
     transferred = 0
-    for attempt in range(1, policy.attempts + 1):
+    idle = 0  # attempts in a row that brought nothing
+    while True:
+        before = _size(partial)
         try:
             transferred += _fetch(url, partial, sha256, size, progress, policy.timeout_s)
             break
         except (OSError, http.client.HTTPException, DownloadError) as err:
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                partial.unlink(missing_ok=True)
+                raise DiskFullError(
+                    f"{url}: the disk holding {dest.parent} is full ({err.strerror}); the "
+                    "partial download was removed"
+                ) from err
             if isinstance(err, urllib.error.HTTPError) and err.code in (403, 404, 410):
                 raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
-            if attempt == policy.attempts:
+            if _size(partial) > before:
+                idle = 0
+                log.info("download %s: %s; resuming at byte %d", url, err, _size(partial))
+                continue
+            idle += 1
+            if idle == policy.attempts:
                 raise DownloadError(
-                    f"{url}: gave up after {attempt} attempts, last error: {err}"
+                    f"{url}: gave up after {idle} attempts without progress, last error: {err}"
                 ) from err
-            delay = min(policy.backoff_s * 2 ** (attempt - 1), policy.max_backoff_s)
+            delay = min(policy.backoff_s * 2 ** (idle - 1), policy.max_backoff_s)
             log.info("download %s: %s; retrying in %.1f s", url, err, delay)
             time.sleep(delay)
     actual = sha256_file(partial)
@@ -98,10 +119,17 @@ def download(
     return transferred
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _fetch(
     url: str, partial: Path, sha256: str, size: int, progress: Progress, timeout_s: float
 ) -> int:
-    have = partial.stat().st_size if partial.exists() else 0
+    have = _size(partial)
     if have > size:
         partial.unlink()
         have = 0

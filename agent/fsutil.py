@@ -32,3 +32,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+
+def remove_stale_tmp(directory: Path) -> None:
+    """Remove what ``atomic_write`` of a killed process left behind in ``directory``."""
+    for stale in directory.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 
 ``load`` is the only way a module gets into memory: the cache entry is re-verified (signature and
 every file's sha256) and loaded with the runtime-only loader, so nothing partially written or
-altered on disk is ever run.
+altered on disk is ever run. An entry that fails the check is quarantined (``DamagedError``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.artifact import VerifiedArtifact, load_public_key, verify_unpacked
-from agent.cache import DiskCache, Eviction, LfuAging, ModuleCache
+from agent.cache import DiskCache, Eviction, LfuAging, ModuleCache, Source
 from agent.config import AgentConfig
-from agent.errors import BoostError
+from agent.errors import ArtifactError, BoostError
 from agent.fpga import Fpga
+from agent.fsutil import remove_stale_tmp
 from agent.runtime import LoadedModel, TvmRuntime
 from agent.state import DeviceState, ModelSlot
 from vta.errors import VtaError
@@ -103,6 +104,17 @@ class UnknownModelError(BoostError):
     """No active model of that name on this device."""
 
 
+class DamagedError(BoostError):
+    """A cache entry failed its check when loaded and was quarantined; ``source`` says where to
+    download it again."""
+
+    def __init__(self, digest: str, source: Source | None, reason: str) -> None:
+        self.digest = digest
+        self.source = source
+        again = "it is downloaded again" if source else "deploy it again (its source is unknown)"
+        super().__init__(f"cached build {digest[:12]} is damaged ({reason}); {again}")
+
+
 @dataclass(frozen=True)
 class Loaded:
     model: LoadedModel
@@ -134,10 +146,13 @@ class Registry:
     def open(self) -> None:
         """Open the disk cache."""
         with self.lock:
+            remove_stale_tmp(self.config.state_dir)
             self.disk.open()
 
-    def load_active(self) -> None:
-        """Load every active model again (a restart restores them)."""
+    def load_active(self) -> list[DamagedError]:
+        """Load every active model again (a restart restores them); returns the damaged ones,
+        which were quarantined."""
+        damaged = []
         with self.lock:
             for name, slot in list(self.state.models.items()):
                 if slot.active not in self.disk.entries:
@@ -145,8 +160,11 @@ class Registry:
                     continue
                 try:
                     self.load(slot.active)
+                except DamagedError as err:
+                    damaged.append(err)
                 except BoostError as err:
                     log.error("model %s: cannot load the active build again: %s", name, err)
+        return damaged
 
     @property
     def runtime(self) -> TvmRuntime:
@@ -164,7 +182,15 @@ class Registry:
         if cached is not None:
             return cached
         start = time.monotonic()
-        verified = verify_unpacked(root, self.trusted)
+        try:
+            verified = verify_unpacked(root, self.trusted)
+        except ArtifactError as err:
+            with self.lock:
+                if digest not in self.disk.entries:
+                    raise
+                eviction, source = self.disk.quarantine(digest, str(err))
+            self.on_evict(eviction)
+            raise DamagedError(digest, source, str(err)) from err
         manifest = verified.manifest
         resident = {manifest.library}
         if manifest.target.accelerator:
@@ -236,10 +262,20 @@ class Registry:
         return self.load(digest)
 
     def make_room(self, need: int, keep: str) -> None:
+        """Evict until ``need`` more bytes fit in the cache budget."""
         with self.lock:
-            for eviction in self.disk.make_room(need, self.state.protected() | {keep}):
-                self.unload(eviction.digest)
-                self.on_evict(eviction)
+            self._evicted(self.disk.make_room(need, self.state.protected() | {keep}))
+
+    def free_disk(self, need: int, keep: str) -> None:
+        """Evict until ``need`` bytes are released on a filesystem that is fuller than the budget
+        foresaw (when evicting can release that much)."""
+        with self.lock:
+            self._evicted(self.disk.free_disk(need, self.state.protected() | {keep}))
+
+    def _evicted(self, evictions: list[Eviction]) -> None:
+        for eviction in evictions:
+            self.unload(eviction.digest)
+            self.on_evict(eviction)
 
     def evict(self, digest: str) -> Eviction:
         with self.lock:

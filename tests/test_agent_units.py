@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from agent.artifact import Manifest, read_manifest
-from agent.cache import DiskCache, LfuAging, ModuleCache, Usage
+from agent.cache import SOURCE, DiskCache, LfuAging, ModuleCache, Source, Usage
 from agent.capabilities import cpu_features, incompatibilities, probe, probe_accelerators
 from agent.config import AgentConfig
 from agent.deploy import TERMINAL, TRANSITIONS, Deployment, Phase
@@ -84,10 +84,12 @@ def test_disk_cache_budget_index_rebuild_and_half_built_entries(
     base = build("tiny_cnn")
     for i, digest in enumerate(("a" * 64, "b" * 64)):
         manifest = _manifest(base, model_name=f"m{i}")
-        cache.install(digest, _entry(tmp_path, digest, f"m{i}", 3000), manifest, b"sig")
+        source = Source(f"http://store/{digest}", 3100, "bWFuaWZlc3Q=", "c2ln")
+        cache.install(digest, _entry(tmp_path, digest, f"m{i}", 3000), manifest, b"sig", source)
         clock.now += 1
     size = cache.entries["a" * 64].size
-    assert size == 3000 + len(_manifest(base, model_name="m0")) + 3
+    source_bytes = (cache.path("a" * 64) / SOURCE).stat().st_size
+    assert size == 3000 + len(_manifest(base, model_name="m0")) + 3 + source_bytes
     assert cache.used() == 2 * size <= cache.budget < 2 * size + 3000
     cache.lookup("b" * 64)  # b is used twice, a once
     evictions = cache.make_room(3000, protected=())
@@ -101,6 +103,9 @@ def test_disk_cache_budget_index_rebuild_and_half_built_entries(
     assert reopened.open().startswith("index damaged")
     assert list(reopened.entries) == ["b" * 64]
     assert reopened.entries["b" * 64].model == "m1"
+    assert reopened.entries["b" * 64].source == Source(
+        f"http://store/{'b' * 64}", 3100, "bWFuaWZlc3Q=", "c2ln"
+    )
     assert not (cache.root / "sha256" / f".{'c' * 64}.tmp").exists()
     assert DiskCache(tmp_path / "cache", 10_000, LfuAging(DAY), clock).open() == (
         "index loaded: 1 entries"
@@ -185,7 +190,12 @@ def test_tensor_round_trip_and_errors() -> None:
     good = encode_tensor(np.zeros(2, np.float32))
     for raw, message in (
         ([1], "expected {shape, dtype, data}"),
-        ({**good, "shape": [-1]}, "shape must be a list of integers >= 0"),
+        ({**good, "shape": [-1]}, "shape must be a list of at most 32 integers >= 0"),
+        ({**good, "shape": [1] * 33}, "shape must be a list of at most 32 integers"),
+        (
+            {**good, "shape": [2**62, 2**62]},
+            r"float32\[4611686018427387904, 4611686018427387904\] needs",
+        ),
         ({**good, "dtype": "object"}, "dtype 'object' is not one of"),
         ({**good, "data": "!!"}, "data is not base64"),
         ({**good, "data": base64.b64encode(b"123").decode()}, r"float32\[2\] needs 8 bytes, got 3"),

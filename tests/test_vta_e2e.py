@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from agent.artifact import Manifest, read_manifest
+from agent.cache import Source
 from models.fleet import Fleet, decode_outputs
 from tests.conftest import Keys, run_cli
 from tests.support.firmware import FirmwareProcess
@@ -130,7 +131,9 @@ def test_device_memory_follows_the_ram_tier(
         digest = sha256_file(artifact)
         staged = registry.disk.staging(digest)
         open_artifact(artifact, registry.trusted, staged)
-        registry.disk.install(digest, staged, *read_manifest(artifact))
+        manifest, signature = read_manifest(artifact)
+        source = Source("http://store/a", artifact.stat().st_size, "", "")
+        registry.disk.install(digest, staged, manifest, signature, source)
         builds[digest] = Bundle.load(registry.disk.path(digest)).build_id
     first, second = builds
     registry.load(first)
