@@ -44,7 +44,7 @@ def _choices(*allowed: str) -> Any:
 class MqttConfig:
     url: str = "mqtt://127.0.0.1:1883"
     username: str = ""
-    password: str = ""
+    password_file: Path | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None

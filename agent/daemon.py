@@ -112,12 +112,14 @@ class Agent:
         self._requests: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
         self._requests_lock = threading.Lock()
         self._caps: dict[str, Any] = {}
+        self._unsettled: dict[int, Command] = {}  # mid of a final event -> its command
         self.client = mqtt.make_client(
             config.mqtt, config.mqtt.url, f"boost-agent-{self.device}", persistent=True
         )
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
         self.handlers: dict[str, Callable[[Command], dict[str, Any] | None]] = {
             "deploy": self._queue_deploy,
             "undeploy": self._undeploy,
@@ -301,6 +303,22 @@ class Agent:
         self.deploys.put((command, 0))
         return None
 
+    def _settle(self, command: Command, final: paho.MQTTMessageInfo) -> None:
+        """Forget the journaled command once the broker has its final event: until then a
+        restart carries it out again (or replays its recorded outcome)."""
+        with self._requests_lock:
+            self._unsettled[final.mid] = command
+        if final.is_published():
+            self._on_publish(self.client, None, final.mid, None, None)
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        with self._requests_lock:
+            command = self._unsettled.pop(mid, None)
+        if command is not None:
+            self.pending.done(command)
+
     def _repair(self, damaged: DamagedError) -> None:
         """Download a quarantined build again, as the deploy command that brought it did."""
         command = repair_command(damaged)
@@ -315,9 +333,11 @@ class Agent:
             command, attempts = item
 
             def emit(event: dict[str, Any], final: bool, command: Command = command) -> None:
-                self._publish(self.topic("events"), event)
-                if final and command.reply_to:
-                    self._publish(command.reply_to, event)
+                info = self.client.publish(self.topic("events"), dumps(event), qos=1)
+                if final:
+                    if command.reply_to:
+                        self._publish(command.reply_to, event)
+                    self._settle(command, info)
 
             if attempts >= PendingDeploys.MAX_ATTEMPTS:
                 final = self.deployer.fail(
@@ -328,7 +348,6 @@ class Agent:
                 )
             else:
                 final = self.deployer.run(command, emit, self.config.step_timeout_s)
-            self.pending.done(command)
             with self._requests_lock:
                 self._requests[command.request_id] = final
             self._caps = self._probe()

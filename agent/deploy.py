@@ -146,6 +146,7 @@ class Deployment:
         self.cancelled = False
         self.committed = False
         self.last_event = time.monotonic()
+        self.last: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def enter(
@@ -180,6 +181,7 @@ class Deployment:
             **self.about,
             **extra,
         }
+        self.last = event
         self.emit(event, self.phase in TERMINAL)
         return event
 
@@ -329,6 +331,8 @@ class Deployer:
             raise
         except Exception:  # a bug must not leave the build host waiting: report it
             log.exception("deploy %s crashed", deployment.deploy_id)
+            if deployment.phase in TERMINAL:
+                return deployment.last
             if deployment.phase is None:
                 deployment.enter(Phase.ACCEPTED)
             internal = DeployError("internal", "the deployment crashed; see the agent's log")
@@ -628,9 +632,20 @@ class Deployer:
             else:
                 last_good = previous.active
             state.models[name] = ModelSlot(plan.sha256, plan.manifest.model_version, last_good)
+            pinned = plan.sha256 in state.pins
             if plan.pin:
                 state.pins.add(plan.sha256)
-            state.save()
+            try:
+                state.save()
+            except OSError:  # the state on disk did not change: neither may the one in memory
+                if previous is None:
+                    del state.models[name]
+                else:
+                    state.models[name] = previous
+                if not pinned:
+                    state.pins.discard(plan.sha256)
+                deployment.committed = False
+                raise
         log.info("model %s: version %s active", name, plan.manifest.model_version)
 
     def _pin(self, plan: Plan) -> None:
@@ -658,8 +673,13 @@ class Deployer:
         return final
 
     def _record(self, deployment: Deployment, final: dict[str, Any]) -> None:
+        """Keep the outcome for repeated deploy ids; when the disk is too full to keep it, a
+        repeat after a restart carries the deployment out again."""
         with self.registry.lock:
-            self.registry.state.record_deploy(deployment.deploy_id, final)
+            try:
+                self.registry.state.record_deploy(deployment.deploy_id, final)
+            except OSError as err:
+                log.error("deploy %s: cannot record the outcome: %s", deployment.deploy_id, err)
 
 
 def _unpacked_size(plan: Plan) -> int:

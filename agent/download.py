@@ -96,6 +96,7 @@ def download(
             if isinstance(err, urllib.error.HTTPError) and err.code in (403, 404, 410):
                 raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
             if _size(partial) > before:
+                transferred += _size(partial) - before
                 idle = 0
                 log.info("download %s: %s; resuming at byte %d", url, err, _size(partial))
                 continue

@@ -58,7 +58,7 @@ def make_client(config: MqttConfig, url: str, client_id: str, persistent: bool) 
         clean_session=None if v5 else not persistent,
     )
     if config.username:
-        client.username_pw_set(config.username, config.password or None)
+        client.username_pw_set(config.username, _password(config))
     if url.startswith("mqtts://") or config.tls_ca:
         client.tls_set(
             ca_certs=str(config.tls_ca) if config.tls_ca else None,
@@ -67,6 +67,19 @@ def make_client(config: MqttConfig, url: str, client_id: str, persistent: bool) 
         )
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     return client
+
+
+def _password(config: MqttConfig) -> str | None:
+    """The password from ``password_file`` (its first line), so no secret sits in deploy.toml."""
+    if config.password_file is None:
+        return None
+    try:
+        return config.password_file.read_text().splitlines()[0]
+    except (OSError, IndexError, UnicodeDecodeError) as err:
+        raise MqttError(
+            f"password_file {config.password_file}: cannot read a password from it ({err}); "
+            "write the broker password on its first line"
+        ) from err
 
 
 def connect_properties(config: MqttConfig, persistent: bool) -> Properties | None:

@@ -135,6 +135,7 @@ class Registry:
         self.on_evict = on_evict
         self.vta = vta
         self._vta_builds: dict[str, str] = {}  # digest -> build id of the layers on the device
+        self._mapped: set[str] = set()  # digests whose library this process has loaded
         self.lock = threading.RLock()
         self.state = DeviceState.load(config.state_dir / "state.json")
         policy = LfuAging(config.cache.half_life_s)
@@ -202,6 +203,8 @@ class Registry:
         except BoostError:
             self._release(digest)
             raise
+        with self.lock:
+            self._mapped.add(digest)
         loaded = Loaded(model, verified, digest, time.monotonic() - start)
         size = sum(f.size for f in manifest.files if f.path in resident)
         with self.lock:
@@ -268,9 +271,12 @@ class Registry:
 
     def free_disk(self, need: int, keep: str) -> None:
         """Evict until ``need`` bytes are released on a filesystem that is fuller than the budget
-        foresaw (when evicting can release that much)."""
+        foresaw (when evicting can release that much). The TVM runtime never unmaps a library it
+        loaded, so the files of a build loaded since the agent started keep their space until it
+        restarts: evicting them would release nothing."""
         with self.lock:
-            self._evicted(self.disk.free_disk(need, self.state.protected() | {keep}))
+            keep_all = self.state.protected() | {keep} | self._mapped
+            self._evicted(self.disk.free_disk(need, keep_all))
 
     def _evicted(self, evictions: list[Eviction]) -> None:
         for eviction in evictions:

@@ -3,6 +3,11 @@ wait for every target's outcome, and one-off inference requests.
 
 A device's retained ``state``, ``caps`` and ``models`` arrive right after subscribing; the view is
 complete once the broker has been quiet for a moment.
+
+When the connection to the broker is lost, paho reconnects; the fleet then subscribes again and
+sends every command still waiting for its outcome once more, with the same ids. Devices answer a
+repeated id with the recorded outcome (or carry out a command the broker lost), so the build
+host learns every outcome, and nothing is done twice.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from agent.deploy import TERMINAL
 from agent.errors import BoostError
 from agent.protocol import (
     PREFIX,
+    REPLY_PREFIX,
     decode_tensor,
     deploy_command,
     device_topic,
@@ -103,23 +109,57 @@ class Fleet:
         self._last_message = time.monotonic()
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._subacks: dict[int, threading.Event] = {}
+        self._topics: set[str] = set()
+        #: Commands waiting for an outcome: request id -> (topic, payload), sent again after a
+        #: reconnection.
+        self._unanswered: dict[str, tuple[str, bytes]] = {}
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_connect = self._on_reconnect
         self._subscribe(
-            [(f"{PREFIX}/dev/+/{leaf}", 1) for leaf in ("state", "caps", "models", "events")],
-            timeout_s,
+            [f"{PREFIX}/dev/+/{leaf}" for leaf in ("state", "caps", "models", "events")], timeout_s
         )
 
-    def _subscribe(self, topics: list[tuple[str, int]], timeout_s: float) -> None:
+    def _subscribe(self, topics: list[str], timeout_s: float) -> None:
         """Subscribe and wait for the broker's SUBACK, so nothing published later is missed."""
         acked = threading.Event()
         with self._lock:
-            result, mid = self.client.subscribe(topics)
+            self._topics.update(topics)
+            result, mid = self.client.subscribe([(t, 1) for t in topics])
             if mid is None:
-                raise BoostError(f"cannot subscribe to {topics[0][0]}: {result}")
+                raise BoostError(f"cannot subscribe to {topics[0]}: {result}")
             self._subacks[mid] = acked
         if not acked.wait(timeout_s):
-            raise BoostError(f"the broker did not acknowledge the subscription to {topics[0][0]}")
+            raise BoostError(f"the broker did not acknowledge the subscription to {topics[0]}")
+
+    def _unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._topics.discard(topic)
+        self.client.unsubscribe(topic)
+
+    def _on_reconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("the broker refused the reconnection: %s", reason)
+            return
+        with self._lock:
+            topics, unanswered = sorted(self._topics), list(self._unanswered.values())
+        log.warning("reconnected to the broker; %d commands sent again", len(unanswered))
+        client.subscribe([(t, 1) for t in topics])
+        for topic, payload in unanswered:
+            client.publish(topic, payload, qos=1)
+
+    def _send(self, request_id: str, topic: str, payload: bytes, expiry_s: int | None) -> None:
+        """Publish a command and keep it until ``_answered`` (sent again on reconnection)."""
+        with self._lock:
+            self._unanswered[request_id] = (topic, payload)
+        properties = mqtt.expiring(self.config.mqtt, expiry_s) if expiry_s else None
+        self.client.publish(topic, payload, qos=1, properties=properties)
+
+    def _answered(self, request_id: str) -> None:
+        with self._lock:
+            self._unanswered.pop(request_id, None)
 
     def _on_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any
@@ -208,18 +248,22 @@ class Fleet:
         """Send the deploy command to every compatible online target and wait for each outcome."""
         manifest = Manifest.from_json(manifest_bytes, "artifact")
         outcomes: dict[str, Outcome] = {}
-        pending: dict[str, str] = {}  # deploy_id -> device
+        pending: dict[str, tuple[str, str]] = {}  # deploy_id -> (device, request_id)
         done = threading.Condition()
 
         def listen(topic: str, payload: dict[str, Any]) -> None:
-            device = pending.get(str(payload.get("deploy_id")))
-            if device is None or not topic.endswith("/events"):
+            sent = pending.get(str(payload.get("deploy_id")))
+            if sent is None or not topic.endswith("/events"):
                 return
+            device, request_id = sent
             with done:
                 outcome = outcomes[device]
+                if outcome.state != "sent":
+                    return  # a repeated final event after the outcome is known
                 outcome.events.append(payload)
                 on_event(device, payload)
                 if payload.get("state") in FINAL_STATES:
+                    self._answered(request_id)
                     outcome.state = str(payload["state"])
                     outcome.detail = str(payload.get("detail", ""))
                     done.notify_all()
@@ -237,12 +281,12 @@ class Fleet:
                         manifest_bytes, signature, url, sha256, size, pin, bitstream_url
                     )
                     outcomes[device.id] = Outcome(device.id, "sent", "")
-                    pending[command["deploy_id"]] = device.id
-                    self.client.publish(
+                    pending[command["deploy_id"]] = (device.id, command["request_id"])
+                    self._send(
+                        command["request_id"],
                         device_topic(device.id, "cmd/deploy"),
                         dumps(command),
-                        qos=1,
-                        properties=mqtt.expiring(self.config.mqtt, COMMAND_EXPIRY_S),
+                        COMMAND_EXPIRY_S,
                     )
             deadline = time.monotonic() + timeout_s
             with done:
@@ -257,13 +301,16 @@ class Fleet:
                         outcome.detail = f"no outcome within {timeout_s:.0f} s"
         finally:
             self._listeners.remove(listen)
+            for _, request_id in pending.values():
+                self._answered(request_id)
         return [outcomes[d] for d in sorted(outcomes)]
 
     def request(
         self, device: str, verb: str, command: dict[str, Any], timeout_s: float
     ) -> dict[str, Any]:
         """Send one command with a private reply topic and wait for the answer."""
-        reply_to = f"{PREFIX}/build/replies/{self.client_id}/{command['request_id']}"
+        request_id = command["request_id"]
+        reply_to = f"{REPLY_PREFIX}{self.client_id}/{request_id}"
         command = {**command, "reply_to": reply_to}
         answer: list[dict[str, Any]] = []
         arrived = threading.Event()
@@ -277,15 +324,16 @@ class Fleet:
 
         self.client.message_callback_add(reply_to, on_reply)
         try:
-            self._subscribe([(reply_to, 1)], timeout_s)
-            self.client.publish(device_topic(device, f"cmd/{verb}"), dumps(command), qos=1)
+            self._subscribe([reply_to], timeout_s)
+            self._send(request_id, device_topic(device, f"cmd/{verb}"), dumps(command), None)
             if not arrived.wait(timeout_s):
                 raise BoostError(
                     f"{device} did not answer {verb} within {timeout_s:.0f} s; is it online? "
                     "(see 'boost-build devices')"
                 )
         finally:
-            self.client.unsubscribe(reply_to)
+            self._answered(request_id)
+            self._unsubscribe(reply_to)
             self.client.message_callback_remove(reply_to)
         return answer[0]
 

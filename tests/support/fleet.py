@@ -1,11 +1,12 @@
-"""End-to-end helpers: agents as real processes, an artifact store that counts its requests, a
-watching MQTT client, and re-signed variants of real artifacts."""
+"""End-to-end helpers: agents as real processes, an artifact store that counts its requests and
+bytes and injects faults, a watching MQTT client, and re-signed variants of real artifacts."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
+from agent import mqtt
 from agent.artifact import (
     FileEntry,
     Manifest,
@@ -30,11 +31,55 @@ from agent.artifact import (
     sha256_file,
     write_artifact,
 )
+from agent.config import MqttConfig
 from agent.protocol import device_topic, dumps, new_request_id
 from models.fleet import FINAL_STATES, Fleet, Outcome
 from models.store import ArtifactStore, StoreServer, _Handler
 
 REPO = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the store does to one GET response: close the connection after ``cut`` body bytes,
+    or pause ``stall_s`` seconds after ``after`` body bytes."""
+
+    cut: int | None = None
+    after: int = 0
+    stall_s: float = 0.0
+
+
+class _FaultyWriter:
+    """The response body stream: counts bytes, paces them, and plays one ``Fault``."""
+
+    def __init__(self, handler: _CountingHandler, fault: Fault | None) -> None:
+        self.handler = handler
+        self.raw = handler.wfile
+        self.fault = fault
+        self.sent = 0
+
+    def write(self, data: bytes) -> int:
+        server, fault = self.handler.server, self.fault
+        if fault is not None and fault.cut is not None and self.sent + len(data) > fault.cut:
+            data = data[: fault.cut - self.sent]
+            self.raw.write(data)
+            server.body_bytes += len(data)
+            self.raw.flush()
+            self.handler.close_connection = True
+            self.handler.connection.shutdown(socket.SHUT_RDWR)
+            raise ConnectionResetError("the test store cut the connection")
+        if fault is not None and fault.stall_s and self.sent >= fault.after:
+            time.sleep(fault.stall_s)
+            self.fault = None
+        if server.pace_s:
+            time.sleep(server.pace_s)
+        self.raw.write(data)
+        self.sent += len(data)
+        server.body_bytes += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 class _CountingHandler(_Handler):
@@ -44,18 +89,34 @@ class _CountingHandler(_Handler):
         self.server.requests += 1
         super().do_GET()
 
+    def end_headers(self) -> None:
+        super().end_headers()
+        if self.command == "GET":
+            faults = self.server.faults
+            self.wfile = _FaultyWriter(self, faults.pop(0) if faults else None)  # type: ignore[assignment]
+
+    def finish(self) -> None:
+        if isinstance(self.wfile, _FaultyWriter):
+            self.wfile = self.wfile.raw
+        super().finish()
+
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
         self.server.requests += 1
         super().do_HEAD()
 
 
 class CountingStore(StoreServer):
-    """The real store server, counting the HTTP requests it receives."""
+    """The real store server, counting the HTTP requests it receives and the body bytes it
+    sends; ``faults`` are played on the next GET responses, one each, and ``pace_s`` is slept
+    before every block of a body."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(ArtifactStore(root), "127.0.0.1", 0)
         self.RequestHandlerClass = _CountingHandler
         self.requests = 0
+        self.body_bytes = 0
+        self.faults: list[Fault] = []
+        self.pace_s = 0.0
 
     def publish(self, artifact: Path) -> tuple[str, str, int]:
         """(url, sha256, size) of ``artifact`` once in the store."""
@@ -127,18 +188,24 @@ class AgentProcess:
 
 
 class Watcher:
-    """A test's MQTT client: records every ``boost/v1`` message and sends commands."""
+    """A test's MQTT client: records every message under ``topics`` and sends commands."""
 
-    def __init__(self, broker_url: str, protocol: int = paho.MQTTv5) -> None:
-        host, port = broker_url.removeprefix("mqtt://").split(":")
+    def __init__(
+        self,
+        broker_url: str,
+        protocol: str = "5",
+        config: MqttConfig | None = None,
+        topics: str = "boost/v1/#",
+    ) -> None:
         self.messages: list[tuple[str, dict[str, Any], bool]] = []
         self._cond = threading.Condition()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+        config = replace(config or MqttConfig(), url=broker_url, protocol=protocol)
+        self.client = mqtt.make_client(config, broker_url, new_request_id(), persistent=False)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *args: subscribed.set()
-        self.client.on_connect = lambda c, *args: c.subscribe("boost/v1/#", qos=1)
-        self.client.connect(host, int(port))
+        self.client.on_connect = lambda c, *args: c.subscribe(topics, qos=1)
+        self.client.connect(**mqtt.connect_kwargs(config, broker_url, persistent=False))  # type: ignore[arg-type]
         self.client.loop_start()
         assert subscribed.wait(10), "the test broker did not acknowledge the subscription"
 
@@ -231,9 +298,10 @@ def resign(
     public_key: Path,
     target: Callable[[TargetInfo], TargetInfo] | None = None,
     files: Mapping[str, Callable[[Path], None]] | None = None,
+    version: str | None = None,
 ) -> Path:
-    """A properly signed variant of a real artifact: its target changed and/or payload files
-    rewritten in place by the given functions (their manifest entries follow)."""
+    """A properly signed variant of a real artifact: its target or model version changed and/or
+    payload files rewritten in place by the given functions (their manifest entries follow)."""
     work = out.with_suffix(".d")
     verified = open_artifact(artifact, [load_public_key(public_key)], work)
     manifest = verified.manifest
@@ -247,6 +315,7 @@ def resign(
         manifest,
         files=entries,
         target=target(manifest.target) if target else manifest.target,
+        model_version=version or manifest.model_version,
     )
     payload = {f.path: work / f.path for f in manifest.files}
     write_artifact(out, manifest, payload, load_private_key(private_key))
