@@ -5,9 +5,10 @@ A device's retained ``state``, ``caps`` and ``models`` arrive right after subscr
 complete once the broker has been quiet for a moment.
 
 When the connection to the broker is lost, paho reconnects; the fleet then subscribes again and
-sends every command still waiting for its outcome once more, with the same ids. Devices answer a
-repeated id with the recorded outcome (or carry out a command the broker lost), so the build
-host learns every outcome, and nothing is done twice.
+sends every command still waiting for its outcome once more, with the same ids, and so it does for
+one device's commands when that device announces a new session (a restarted broker forgot its
+subscriptions until then). Devices answer a repeated id with the recorded outcome (or carry out a
+command the broker lost), so the build host learns every outcome, and nothing is done twice.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ class Fleet:
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._subacks: dict[int, threading.Event] = {}
         self._topics: set[str] = set()
-        #: Commands waiting for an outcome: request id -> (topic, payload), sent again after a
-        #: reconnection.
-        self._unanswered: dict[str, tuple[str, bytes]] = {}
+        #: Commands waiting for an outcome: request id -> (device, payload, verb), sent again
+        #: after a reconnection or the device's new birth.
+        self._unanswered: dict[str, tuple[str, str, bytes]] = {}
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_connect = self._on_reconnect
@@ -125,10 +126,9 @@ class Fleet:
         acked = threading.Event()
         with self._lock:
             self._topics.update(topics)
-            result, mid = self.client.subscribe([(t, 1) for t in topics])
-            if mid is None:
-                raise BoostError(f"cannot subscribe to {topics[0]}: {result}")
-            self._subacks[mid] = acked
+            _, mid = self.client.subscribe([(t, 1) for t in topics])
+            # Not connected: the reconnection subscribes to every topic and sets ``acked``.
+            self._subacks[-id(acked) if mid is None else mid] = acked
         if not acked.wait(timeout_s):
             raise BoostError(f"the broker did not acknowledge the subscription to {topics[0]}")
 
@@ -145,17 +145,31 @@ class Fleet:
             return
         with self._lock:
             topics, unanswered = sorted(self._topics), list(self._unanswered.values())
+            waiting, self._subacks = list(self._subacks.values()), {}
         log.warning("reconnected to the broker; %d commands sent again", len(unanswered))
         client.subscribe([(t, 1) for t in topics])
-        for topic, payload in unanswered:
-            client.publish(topic, payload, qos=1)
+        for device, verb, payload in unanswered:
+            client.publish(device_topic(device, f"cmd/{verb}"), payload, qos=1)
+        for acked in waiting:  # the subscriptions they wait for are in the one above
+            acked.set()
 
-    def _send(self, request_id: str, topic: str, payload: bytes, expiry_s: int | None) -> None:
+    def _send(
+        self, request_id: str, device: str, verb: str, payload: bytes, expiry_s: int | None = None
+    ) -> None:
         """Publish a command and keep it until ``_answered`` (sent again on reconnection)."""
         with self._lock:
-            self._unanswered[request_id] = (topic, payload)
+            self._unanswered[request_id] = (device, verb, payload)
         properties = mqtt.expiring(self.config.mqtt, expiry_s) if expiry_s else None
-        self.client.publish(topic, payload, qos=1, properties=properties)
+        self.client.publish(
+            device_topic(device, f"cmd/{verb}"), payload, qos=1, properties=properties
+        )
+
+    def _reborn(self, device: str) -> None:
+        """Send the commands still waiting for ``device`` again: it has just subscribed."""
+        with self._lock:
+            again = [(v, p) for d, v, p in self._unanswered.values() if d == device]
+        for verb, payload in again:
+            self.client.publish(device_topic(device, f"cmd/{verb}"), payload, qos=1)
 
     def _answered(self, request_id: str) -> None:
         with self._lock:
@@ -190,18 +204,22 @@ class Fleet:
             return
         if len(parts) == 5 and parts[2] == "dev":
             device, leaf = parts[3], parts[4]
+            reborn = False
             with self._lock:
                 self._last_message = time.monotonic()
                 if leaf != "events":
                     view = self.devices.setdefault(device, Device(device))
                     if leaf == "state":
-                        view.online = payload.get("online") is True
-                        view.bdseq = int(payload.get("bdseq", -1))
+                        online, bdseq = payload.get("online") is True, int(payload.get("bdseq", -1))
+                        reborn = online and (bdseq != view.bdseq or not view.online)
+                        view.online, view.bdseq = online, bdseq
                     elif leaf == "caps":
                         view.caps = payload
                     else:
                         view.models = payload
                 self._changed.notify_all()
+            if reborn:
+                self._reborn(device)
         for listener in list(self._listeners):
             listener(message.topic, payload)
 
@@ -283,10 +301,7 @@ class Fleet:
                     outcomes[device.id] = Outcome(device.id, "sent", "")
                     pending[command["deploy_id"]] = (device.id, command["request_id"])
                     self._send(
-                        command["request_id"],
-                        device_topic(device.id, "cmd/deploy"),
-                        dumps(command),
-                        COMMAND_EXPIRY_S,
+                        command["request_id"], device.id, "deploy", dumps(command), COMMAND_EXPIRY_S
                     )
             deadline = time.monotonic() + timeout_s
             with done:
@@ -325,7 +340,7 @@ class Fleet:
         self.client.message_callback_add(reply_to, on_reply)
         try:
             self._subscribe([reply_to], timeout_s)
-            self._send(request_id, device_topic(device, f"cmd/{verb}"), dumps(command), None)
+            self._send(request_id, device, verb, dumps(command))
             if not arrived.wait(timeout_s):
                 raise BoostError(
                     f"{device} did not answer {verb} within {timeout_s:.0f} s; is it online? "
