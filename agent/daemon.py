@@ -308,7 +308,11 @@ class Agent:
         restart carries it out again (or replays its recorded outcome)."""
         with self._requests_lock:
             self._unsettled[final.mid] = command
-        if final.is_published():
+        try:
+            published = final.is_published()
+        except RuntimeError:  # queued while disconnected: sent, and acknowledged, after reconnecting
+            published = False
+        if published:
             self._on_publish(self.client, None, final.mid, None, None)
 
     def _on_publish(

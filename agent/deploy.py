@@ -577,9 +577,10 @@ class Deployer:
 
     def _fetch(self, deployment: Deployment, plan: Plan) -> None:
         """Download, verify and install the artifact unless the cache has it."""
-        if plan.sha256 in self.registry.disk.entries:
-            return
         target = self.downloads / f"{plan.sha256}.boost"
+        if plan.sha256 in self.registry.disk.entries:
+            target.unlink(missing_ok=True)  # installed before the agent was stopped
+            return
         deployment.enter(Phase.DOWNLOADING, plan.url, total=plan.size)
         last = [0.0]
 

@@ -78,6 +78,8 @@ def download(
     policy: DownloadPolicy,
 ) -> int:
     """Fetch ``url`` into ``dest`` (resuming ``dest.partial``); returns the bytes transferred."""
+    if dest.exists() and sha256_file(dest) == sha256:  # finished before the agent was stopped
+        return 0
     partial = dest.with_name(dest.name + ".partial")
     transferred = 0
     idle = 0  # attempts in a row that brought nothing
