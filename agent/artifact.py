@@ -7,11 +7,14 @@ checks the signature and every file digest with ``open_artifact`` before it load
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import tarfile
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,7 +104,7 @@ class Manifest:
                     f"manifest schema {raw.get('schema')!r} is not supported (this agent reads "
                     f"schema {SCHEMA_VERSION}); upgrade the agent or rebuild the artifact",
                 )
-            return cls(
+            manifest = cls(
                 model_name=raw["model_name"],
                 model_version=raw["model_version"],
                 source_sha256=raw["source_sha256"],
@@ -121,12 +124,48 @@ class Manifest:
                 if raw["bitstream"] is None
                 else BitstreamRef.from_json(raw["bitstream"], origin),
             )
+            _check_types(manifest, Manifest, "manifest", origin)
+            return manifest
         except ArtifactError:
             raise
         except BitstreamError as err:
             raise ArtifactError(origin, str(err)) from err
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ArtifactError(origin, f"malformed manifest: {err!r}") from err
+
+
+def _check_types(value: Any, tp: Any, where: str, origin: str) -> None:
+    """``value`` has the type the dataclass annotations say (every field, recursively)."""
+    if tp is Any or tp is BitstreamRef:  # a bitstream reference checks itself
+        return
+    args = typing.get_args(tp)
+    kind = typing.get_origin(tp)
+    if kind in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        (tp,) = [a for a in args if a is not type(None)]
+        _check_types(value, tp, where, origin)
+        return
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        for f in dataclasses.fields(tp):
+            _check_types(getattr(value, f.name), hints[f.name], f"{where}.{f.name}", origin)
+        return
+    expected = kind or tp
+    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, float))
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ArtifactError(
+            origin, f"malformed manifest: {where} must be {getattr(expected, '__name__', expected)}"
+        )
+    if kind is tuple:
+        for i, item in enumerate(value):
+            _check_types(item, args[0], f"{where}[{i}]", origin)
+    elif kind is dict:
+        for key, item in value.items():
+            _check_types(key, args[0], f"{where} key", origin)
+            _check_types(item, args[1], f"{where}[{key!r}]", origin)
 
 
 def _tensor(raw: Mapping[str, Any]) -> TensorSpec:

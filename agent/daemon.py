@@ -262,7 +262,7 @@ class Agent:
         try:
             command = parse_command(verb, payload)
         except ProtocolError as err:
-            self._publish(self.topic("events"), error_reply(None, err.code, err.message))
+            self._publish(self.topic("events"), error_reply(err.request_id, err.code, err.message))
             return
         if not self._first_time(command):
             return
@@ -310,7 +310,7 @@ class Agent:
             self._unsettled[final.mid] = command
         try:
             published = final.is_published()
-        except RuntimeError:  # queued while disconnected: sent, and acknowledged, after reconnecting
+        except RuntimeError:  # queued while disconnected: sent and acknowledged after reconnecting
             published = False
         if published:
             self._on_publish(self.client, None, final.mid, None, None)
@@ -354,6 +354,8 @@ class Agent:
                 final = self.deployer.run(command, emit, self.config.step_timeout_s)
             with self._requests_lock:
                 self._requests[command.request_id] = final
+            if final.get("state") == "rejected" or final.get("duplicate"):
+                continue  # nothing on the device changed
             self._caps = self._probe()
             self._publish(self.topic("caps"), self._caps, retain=True)
             self._publish_models()

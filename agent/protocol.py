@@ -37,11 +37,13 @@ _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 class ProtocolError(BoostError):
-    """A message that does not follow protocol v1; ``code`` goes into the error reply."""
+    """A message that does not follow protocol v1; ``code`` goes into the error reply, with
+    ``request_id`` when the message had a valid one."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
         self.code = code
         self.message = message
+        self.request_id = request_id
         super().__init__(f"{code}: {message}")
 
 
@@ -139,6 +141,7 @@ def parse_command(verb: str, payload: bytes) -> Command:
         raise ProtocolError(
             "bad-request",
             f"{verb}: 'reply_to' must be a topic under {REPLY_PREFIX} without wildcards",
+            request_id,
         )
     return Command(verb, request_id, reply_to, body)
 

@@ -137,6 +137,8 @@ class AgentProcess:
     protocol: str = "5"
     #: Environment beyond the test's own; a PYTHONPATH entry goes before the repository's.
     env: Mapping[str, str] = field(default_factory=dict)
+    #: More keys of [agent.mqtt] (credentials, TLS).
+    mqtt_extra: str = ""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -158,7 +160,7 @@ class AgentProcess:
             f'trusted_keys = ["{self.public_key}"]\nallowed_hosts = ["{self.store_url}"]\n'
             f"{self.extra}\n"
             f'[agent.mqtt]\nurl = "{self.broker_url}"\nkeepalive_s = 5\n'
-            f'protocol = "{self.protocol}"\n'
+            f'protocol = "{self.protocol}"\n{self.mqtt_extra}\n'
         )
 
     def start(self) -> AgentProcess:
