@@ -264,11 +264,9 @@ class Deployer:
         #: Digests an abandoned deployment's thread may still be writing.
         self._busy: set[str] = set()
 
-    def run(
-        self, command: Command, emit: Emit, step_timeout_s: float | None = None
-    ) -> dict[str, Any]:
-        """Carry out one deploy command; returns its final event. With ``step_timeout_s`` it
-        runs on its own thread and is abandoned when no event comes for that long."""
+    def run(self, command: Command, emit: Emit, step_timeout_s: float) -> dict[str, Any]:
+        """Carry out one deploy command on a thread of its own; returns its final event. The
+        deployment is abandoned when no event comes for ``step_timeout_s``."""
         deploy_id = deploy_id_of(command)
         with self.registry.lock:
             done = self.registry.state.deploys.get(deploy_id)
@@ -277,8 +275,6 @@ class Deployer:
             emit(replay, True)
             return replay
         deployment = Deployment(command.request_id, deploy_id, emit)
-        if step_timeout_s is None:
-            return self._run(command, deployment)
         result: list[dict[str, Any]] = []
 
         def carry_out() -> None:
@@ -594,7 +590,6 @@ class Deployer:
         except DownloadError as err:
             raise DeployError(_download_code(err), str(err)) from err
         deployment.enter(Phase.VERIFYING, f"{transferred} bytes transferred")
-        staged = self.registry.disk.staging_path(plan.sha256)
         try:
             if read_manifest(target) != (plan.manifest_bytes, plan.signature):
                 raise DeployError(
@@ -602,7 +597,7 @@ class Deployer:
                     "the downloaded artifact's manifest differs from the deploy command's",
                 )
             deployment.enter(Phase.INSTALLING)
-            self.registry.disk.staging(plan.sha256)
+            staged = self.registry.disk.staging(plan.sha256)
             open_artifact(target, self.registry.trusted, staged)
             source = Source(
                 plan.url,
@@ -616,7 +611,7 @@ class Deployer:
                 )
         finally:
             target.unlink(missing_ok=True)
-            shutil.rmtree(staged, ignore_errors=True)
+            shutil.rmtree(self.registry.disk.staging_path(plan.sha256), ignore_errors=True)
 
     def _activate(self, deployment: Deployment, plan: Plan) -> None:
         name = plan.manifest.model_name

@@ -197,7 +197,7 @@ class Fleet:
         parts = message.topic.split("/")
         try:
             payload = json.loads(message.payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("%s: not JSON; ignored", message.topic)
             return
         if not isinstance(payload, dict):
@@ -333,7 +333,7 @@ class Fleet:
         def on_reply(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
             try:
                 answer.append(json.loads(message.payload))
-            except ValueError:
+            except (ValueError, RecursionError):
                 answer.append({"ok": False, "error": {"code": "bad-json", "message": "reply"}})
             arrived.set()
 

@@ -208,3 +208,21 @@ def test_10000_fuzzed_commands_and_manifests(
     keys: Keys,
 ) -> None:
     fuzz(7000, 3000, agents, broker.url, fleet, store, build, keys)
+
+
+def test_oversized_and_deeply_nested_commands(
+    agents: Callable[..., AgentProcess], watcher: Watcher
+) -> None:
+    agent = agents(extra="max_command_bytes = 4096")
+    online(watcher, agent)
+    for payload, code in (
+        (dumps({"request_id": "big", "model": "m", "pad": "x" * 5000}), "too-large"),
+        (b"[" * 2000 + b"]" * 2000, "bad-json"),
+    ):
+        mark = watcher.mark()
+        watcher.client.publish(device_topic("dev1", "cmd/infer"), payload, qos=1)
+        reply = watcher.wait_for(lambda t, p: "error" in p, 30, mark)
+        assert reply["request_id"] is None and reply["error"]["code"] == code, reply
+    mark = watcher.mark()
+    request_id = watcher.send("dev1", "ping", {})
+    assert watcher.answer(request_id, mark)["ok"]

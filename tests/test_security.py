@@ -315,3 +315,9 @@ def test_the_agent_opens_no_inbound_port(
     watcher.state("dev1", True)
     assert agent.process is not None
     assert listening_sockets(agent.process.pid) == []
+
+
+def test_an_unreadable_password_file_is_named(tmp_path: Path) -> None:
+    config = MqttConfig(username="dev1", password_file=tmp_path / "missing")
+    with pytest.raises(BoostError, match=r"password_file .*missing: cannot read a password"):
+        mqtt.make_client(config, config.url, "dev1", persistent=True)

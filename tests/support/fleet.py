@@ -218,7 +218,7 @@ class Watcher:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
             payload = json.loads(msg.payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             payload = {"_raw": msg.payload.decode(errors="replace")}
         with self._cond:
             self.messages.append((msg.topic, payload, bool(msg.retain)))
