@@ -130,8 +130,10 @@ class Manifest:
             raise
         except BitstreamError as err:
             raise ArtifactError(origin, str(err)) from err
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ArtifactError(origin, f"malformed manifest: {err!r}") from err
+        except KeyError as err:
+            raise ArtifactError(origin, f"malformed manifest: no field {err.args[0]!r}") from err
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ArtifactError(origin, f"malformed manifest: {err}") from err
 
 
 def _check_types(value: Any, tp: Any, where: str, origin: str) -> None:

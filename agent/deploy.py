@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.artifact import (
+    MANIFEST,
     Manifest,
     open_artifact,
     read_manifest,
@@ -431,7 +432,21 @@ class Deployer:
         )
         if sha256 not in self.registry.disk.entries:
             self._check_space(sha256, size, _unpacked_size(plan))
+        elif self._cached_manifest(sha256) not in (None, manifest_bytes):
+            raise DeployError(
+                "artifact",
+                f"the deploy command's manifest is not the one of the cached build {sha256[:12]}; "
+                "a manifest must come with the digest of its own artifact",
+            )
         return plan
+
+    def _cached_manifest(self, sha256: str) -> bytes | None:
+        """The manifest a cached build was installed with (None when unreadable: loading it
+        will find the entry damaged and download it again, checking the manifest then)."""
+        try:
+            return (self.registry.disk.path(sha256) / MANIFEST).read_bytes()
+        except OSError:
+            return None
 
     def _check_bitstream(self, command: Command, manifest: Manifest) -> tuple[bool, str | None]:
         """Whether the FPGA must be programmed for this build, and the URL to download the

@@ -5,7 +5,8 @@ Bytes go into ``<digest>.partial``; an interrupted transfer resumes from its siz
 the file is fsynced, its sha256 checked and only then renamed to its final name, so a reader never
 sees a partial or corrupt artifact under the final name. A connection that ends early is resumed at
 once when it brought bytes; only attempts that bring nothing count against the policy and wait.
-A full disk ends the download and removes the partial file.
+A full disk, or a server sending more than the announced size, ends the download and removes the
+partial file.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class DownloadError(BoostError):
 
 class DiskFullError(DownloadError):
     """The filesystem filled up during a download."""
+
+
+class OverrunError(DownloadError):
+    """The server sent more bytes than the deploy command announced."""
 
 
 def url_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
@@ -89,6 +94,9 @@ def download(
             transferred += _fetch(url, partial, sha256, size, progress, policy.timeout_s)
             break
         except (OSError, http.client.HTTPException, DownloadError) as err:
+            if isinstance(err, OverrunError):
+                partial.unlink(missing_ok=True)
+                raise
             if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
                 partial.unlink(missing_ok=True)
                 raise DiskFullError(
@@ -155,7 +163,10 @@ def _fetch(
             try:
                 while chunk := response.read(_CHUNK):
                     if have + len(chunk) > size:
-                        raise DownloadError(f"{url}: the server sent more than {size} bytes")
+                        raise OverrunError(
+                            f"{url}: the server sent more than the {size} bytes the deploy "
+                            "command announced; the partial download was removed"
+                        )
                     out.write(chunk)
                     have += len(chunk)
                     transferred += len(chunk)

@@ -198,7 +198,7 @@ def decode_tensor(name: str, raw: Any) -> np.ndarray:
             "bad-input",
             f"input {name!r}: shape must be a list of at most {MAX_DIMS} integers >= 0",
         )
-    if dtype not in TENSOR_DTYPES:
+    if not isinstance(dtype, str) or dtype not in TENSOR_DTYPES:
         raise ProtocolError(
             "bad-input", f"input {name!r}: dtype {dtype!r} is not one of {sorted(TENSOR_DTYPES)}"
         )

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import io
 import json
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,30 +18,7 @@ from agent.artifact import (
 )
 from agent.errors import ArtifactError, BoostError, SignatureError
 from tests.conftest import run_cli
-
-
-def rewrite(
-    src: Path,
-    dest: Path,
-    change: Callable[[str, bytes], bytes | None],
-    extra: Sequence[tuple[tarfile.TarInfo, bytes]] = (),
-) -> Path:
-    """Copy an artifact, letting ``change`` alter (or drop, with None) each member's bytes."""
-    with tarfile.open(src) as tar_in, tarfile.open(dest, "w") as tar_out:
-        for member in tar_in:
-            data = tar_in.extractfile(member).read()  # type: ignore[union-attr]
-            new = change(member.name, data)
-            if new is None:
-                continue
-            member.size = len(new)
-            tar_out.addfile(member, io.BytesIO(new))
-        for info, data in extra:
-            tar_out.addfile(info, io.BytesIO(data))
-    return dest
-
-
-def flip_last_byte(data: bytes) -> bytes:
-    return data[:-1] + bytes([data[-1] ^ 1])
+from tests.support.fleet import flip_last_byte, rewrite
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.artifact import Manifest, load_public_key, read_manifest, verify_unpacked
+from agent.artifact import Manifest, read_manifest
 from agent.config import BuildConfig, MqttConfig
 from agent.deploy import DISK_MARGIN
 from agent.protocol import decode_tensor, deploy_command, infer_command
@@ -31,6 +31,7 @@ from tests.support.fleet import (
     CountingStore,
     Fault,
     Watcher,
+    assert_cache_consistent,
     deploy,
     golden,
     online,
@@ -38,22 +39,6 @@ from tests.support.fleet import (
 )
 
 Keys = tuple[Path, Path]
-
-
-def assert_cache_consistent(state_dir: Path, public_key: Path) -> int:
-    """The index lists exactly the entries on disk, each passes the load-time check, and nothing
-    half written is left; returns the number of entries."""
-    cache = state_dir / "cache"
-    index = json.loads((cache / "index.json").read_text())["entries"]
-    on_disk = {p.name for p in (cache / "sha256").iterdir()}
-    assert set(index) == on_disk, (sorted(index), sorted(on_disk))
-    for digest in on_disk:
-        verify_unpacked(cache / "sha256" / digest, [load_public_key(public_key)])
-    leftovers = (
-        list((state_dir / "downloads").glob("*")) if (state_dir / "downloads").exists() else []
-    )
-    assert leftovers == [], leftovers
-    return len(on_disk)
 
 
 def final_event(

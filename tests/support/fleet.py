@@ -3,15 +3,17 @@ bytes and injects faults, a watching MQTT client, and re-signed variants of real
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from agent.artifact import (
     open_artifact,
     read_manifest,
     sha256_file,
+    verify_unpacked,
     write_artifact,
 )
 from agent.config import MqttConfig
@@ -322,6 +325,46 @@ def resign(
     payload = {f.path: work / f.path for f in manifest.files}
     write_artifact(out, manifest, payload, load_private_key(private_key))
     return out
+
+
+def assert_cache_consistent(state_dir: Path, public_key: Path) -> int:
+    """The index lists exactly the entries on disk, each passes the load-time check, and nothing
+    half written is left; returns the number of entries."""
+    cache = state_dir / "cache"
+    index = json.loads((cache / "index.json").read_text())["entries"]
+    on_disk = {p.name for p in (cache / "sha256").iterdir()}
+    assert set(index) == on_disk, (sorted(index), sorted(on_disk))
+    for digest in on_disk:
+        verify_unpacked(cache / "sha256" / digest, [load_public_key(public_key)])
+    leftovers = (
+        list((state_dir / "downloads").glob("*")) if (state_dir / "downloads").exists() else []
+    )
+    assert leftovers == [], leftovers
+    return len(on_disk)
+
+
+def rewrite(
+    src: Path,
+    dest: Path,
+    change: Callable[[str, bytes], bytes | None],
+    extra: Sequence[tuple[tarfile.TarInfo, bytes]] = (),
+) -> Path:
+    """Copy an artifact, letting ``change`` alter (or drop, with None) each member's bytes."""
+    with tarfile.open(src) as tar_in, tarfile.open(dest, "w") as tar_out:
+        for member in tar_in:
+            data = tar_in.extractfile(member).read()  # type: ignore[union-attr]
+            new = change(member.name, data)
+            if new is None:
+                continue
+            member.size = len(new)
+            tar_out.addfile(member, io.BytesIO(new))
+        for info, data in extra:
+            tar_out.addfile(info, io.BytesIO(data))
+    return dest
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
 
 
 def deploy(
