@@ -73,6 +73,7 @@ class AgentConfig:
     metrics_interval_s: float = field(default=60.0, metadata=_bounded(1))
     max_command_bytes: int = field(default=64 * 1024**2, metadata=_bounded(1024))
     step_timeout_s: float = field(default=300.0, metadata=_bounded(1))
+    local_api: bool = False
     mqtt: MqttConfig = MqttConfig()
     cache: CacheConfig = CacheConfig()
 

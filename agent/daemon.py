@@ -9,6 +9,8 @@ and every (re)connect subscribes again and publishes a new birth with a new bdse
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import signal
@@ -24,14 +26,20 @@ import numpy as np
 import paho.mqtt.client as paho
 
 from agent import mqtt
+from agent.artifact import MANIFEST, Manifest
+from agent.builds import BuildRequests
 from agent.cache import Eviction
 from agent.capabilities import default_device_id, probe, probe_accelerators
 from agent.config import AgentConfig
 from agent.deploy import Deployer, PendingDeploys, repair_command
 from agent.errors import BoostError
+from agent.local_api import SOCKET, LocalApi, model_bytes, text
 from agent.protocol import (
+    BUILD_REQUESTS,
     Command,
     ProtocolError,
+    build_reply_topic,
+    build_request,
     check_name,
     command_verb,
     decode_tensor,
@@ -49,6 +57,8 @@ from agent.runtime import InferenceInputError
 log = logging.getLogger(__name__)
 
 REMEMBERED_REQUESTS = 1024
+#: A build request nobody answered is sent again when asked for after this many seconds.
+BUILD_RETRY_S = 120.0
 LATENCY_SAMPLES = 1000
 SHUTDOWN_PUBLISH_S = 5.0
 
@@ -107,6 +117,8 @@ class Agent:
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self.pending = PendingDeploys(config.state_dir / "pending")
+        self.builds = BuildRequests(config.state_dir / "builds.json")
+        self.local_api: LocalApi | None = None
         self.deploys: queue.Queue[tuple[Command, int] | None] = queue.Queue()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="infer")
         self._requests: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
@@ -146,6 +158,12 @@ class Agent:
             log.info("deploy %s: carrying out again after a restart", command.request_id)
             self.deploys.put((command, attempts))
         self._caps = self._probe()
+        if self.config.local_api:
+            ops = {"lookup": self._lookup, "request": self._request_build}
+            self.local_api = LocalApi(
+                self.config.state_dir / SOCKET, ops, self.config.max_command_bytes
+            )
+            self.local_api.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         self._new_session()
@@ -161,6 +179,8 @@ class Agent:
             worker.start()
         self.stopping.wait()
         log.info("device %s: stopping", self.device)
+        if self.local_api is not None:
+            self.local_api.stop()
         self.deploys.put(None)
         self.pool.shutdown(wait=True, cancel_futures=True)
         info = self.client.publish(
@@ -212,7 +232,8 @@ class Agent:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
-        topics = [self.topic("cmd/+")] + [group_topic(g, "cmd/+") for g in self.config.groups]
+        topics = [self.topic("cmd/+"), build_reply_topic(self.device, "+")]
+        topics += [group_topic(g, "cmd/+") for g in self.config.groups]
         client.subscribe([(t, 1) for t in topics])
         self._birth()
         log.info("device %s: online (bdseq %d)", self.device, self.registry.state.bdseq)
@@ -243,6 +264,8 @@ class Agent:
         the network thread."""
         verb = command_verb(message.topic)
         if verb is None:
+            if message.topic.startswith(build_reply_topic(self.device, "")):
+                self._on_build_reply(bytes(message.payload))
             return
         try:
             self._handle(verb, bytes(message.payload))
@@ -298,7 +321,15 @@ class Agent:
     def _send(self, command: Command, answer: dict[str, Any]) -> None:
         self._publish(command.reply_to or self.topic("events"), answer)
 
-    def _queue_deploy(self, command: Command) -> None:
+    def _queue_deploy(self, command: Command) -> dict[str, Any] | None:
+        build = command.body.get("build_request")
+        if build is not None and not (isinstance(build, str) and self.builds.expects(build)):
+            return error_reply(
+                command.request_id,
+                "unsolicited",
+                f"the deploy command answers build request {build!r}, which this device is not "
+                "waiting for",
+            )
         self.pending.add(command)  # before the broker learns the command arrived
         self.deploys.put((command, 0))
         return None
@@ -354,6 +385,10 @@ class Agent:
                 final = self.deployer.run(command, emit, self.config.step_timeout_s)
             with self._requests_lock:
                 self._requests[command.request_id] = final
+            build = command.body.get("build_request")
+            if isinstance(build, str):
+                outcome = "active" if final.get("state") == "active" else "failed"
+                self.builds.update(build, outcome, str(final.get("detail", "")))
             if final.get("state") == "rejected" or final.get("duplicate"):
                 continue  # nothing on the device changed
             self._caps = self._probe()
@@ -464,6 +499,71 @@ class Agent:
         self._publish(
             self.topic("events"), {"request_id": None, "state": "evicted", **eviction.to_json()}
         )
+
+    # --- on-demand builds (the local API's operations) -------------------------------------------
+
+    def _lookup(self, request: dict[str, Any]) -> dict[str, Any]:
+        sha256 = text(request, "sha256")
+        record = self.builds.latest(sha256)
+        return {
+            "build": self._active_build(sha256),
+            "request": record.to_json() if record is not None else None,
+        }
+
+    def _active_build(self, sha256: str) -> dict[str, Any] | None:
+        """The active CPU build of the ONNX model ``sha256`` (an application loads it itself)."""
+        with self.registry.lock:
+            slots = dict(self.registry.state.models)
+        for name, slot in sorted(slots.items()):
+            path = self.registry.disk.path(slot.active)
+            try:
+                manifest = Manifest.from_json((path / MANIFEST).read_bytes(), str(path))
+            except (OSError, BoostError):
+                continue
+            if manifest.source_sha256 == sha256 and manifest.target.accelerator is None:
+                return {
+                    "model": name,
+                    "version": slot.version,
+                    "digest": slot.active,
+                    "path": str(path),
+                    "library": manifest.library,
+                }
+        return None
+
+    def _request_build(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Ask the build workers for a build (a request still waiting is not repeated unless it
+        got no answer for ``BUILD_RETRY_S``: then it goes out again under the same id)."""
+        name, onnx = model_bytes(request)
+        sha256 = hashlib.sha256(onnx).hexdigest()
+        record = self.builds.waiting_for(sha256)
+        if record is not None and (
+            record.state != "requested" or time.time() - record.ts < BUILD_RETRY_S
+        ):
+            return {"request": record.to_json(), "new": False}
+        command = build_request(
+            self.device, name, onnx, record.request_id if record is not None else None
+        )
+        record = self.builds.add(command["request_id"], sha256, name)
+        self.client.publish(BUILD_REQUESTS, dumps(command), qos=1)
+        log.info("build request %s: %s (%s) asked for", record.request_id, name, sha256[:12])
+        return {"request": record.to_json(), "new": True}
+
+    def _on_build_reply(self, payload: bytes) -> None:
+        try:
+            reply = json.loads(payload)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(reply, dict) or not isinstance(reply.get("request_id"), str):
+            return
+        if isinstance(reply.get("error"), dict):
+            error = reply["error"]
+            self.builds.update(
+                reply["request_id"], "failed", f"{error.get('code')}: {error.get('message')}"
+            )
+        elif reply.get("state") in ("building", "built"):
+            self.builds.update(
+                reply["request_id"], str(reply["state"]), str(reply.get("worker", ""))
+            )
 
     # --- metrics ---------------------------------------------------------------------------------
 

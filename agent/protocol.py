@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,9 @@ TENSOR_DTYPES = frozenset(
 #: Answers go to topics under this prefix only (a device's ACL lets it write there, and nowhere
 #: that another device or the build host reads as a command or a state).
 REPLY_PREFIX = f"{PREFIX}/build/replies/"
+#: On-demand build requests; build workers share them (each request reaches one worker).
+BUILD_REQUESTS = f"{PREFIX}/build/requests"
+BUILD_SHARE = f"$share/boost-build/{BUILD_REQUESTS}"
 MAX_DIMS = 32
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -118,10 +122,10 @@ class Command:
             raise ProtocolError("bad-request", f"{self.verb}: {key!r} is not base64") from err
 
 
-def parse_command(verb: str, payload: bytes) -> Command:
+def parse_command(verb: str, payload: bytes, known: Sequence[str] = VERBS) -> Command:
     """Decode a command; raises ``ProtocolError`` naming what is wrong."""
-    if verb not in VERBS:
-        raise ProtocolError("unknown-verb", f"unknown command {verb!r}; known: {', '.join(VERBS)}")
+    if verb not in known:
+        raise ProtocolError("unknown-verb", f"unknown command {verb!r}; known: {', '.join(known)}")
     try:
         body = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
@@ -132,18 +136,32 @@ def parse_command(verb: str, payload: bytes) -> Command:
     if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
         raise ProtocolError("bad-request", f"{verb}: 'request_id' must be a string of 1-128 chars")
     reply_to = body.get("reply_to")
-    if reply_to is not None and (
-        not isinstance(reply_to, str)
-        or not reply_to.startswith(REPLY_PREFIX)
-        or len(reply_to) > 512
-        or any(c in reply_to for c in "+#\0")
-    ):
+    if reply_to is not None and not _valid_reply_to(reply_to):
         raise ProtocolError(
             "bad-request",
             f"{verb}: 'reply_to' must be a topic under {REPLY_PREFIX} without wildcards",
             request_id,
         )
     return Command(verb, request_id, reply_to, body)
+
+
+def _valid_reply_to(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and value.startswith(REPLY_PREFIX)
+        and len(value) <= 512
+        and not any(c in value for c in "+#\0")
+    )
+
+
+def reply_topic(payload: bytes) -> str | None:
+    """The valid ``reply_to`` of a message that may be malformed otherwise (None: none)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    reply_to = body.get("reply_to") if isinstance(body, dict) else None
+    return reply_to if _valid_reply_to(reply_to) else None
 
 
 def deploy_command(
@@ -170,6 +188,52 @@ def deploy_command(
     if bitstream_url is not None:
         command["bitstream_url"] = bitstream_url
     return command
+
+
+def build_reply_topic(device: str, request_id: str) -> str:
+    """Where the workers answer a device's build request (its ACL lets it read only its own)."""
+    return f"{REPLY_PREFIX}{device}/{request_id}"
+
+
+def build_request(
+    device: str, name: str, onnx: bytes, request_id: str | None = None
+) -> dict[str, Any]:
+    """Ask the build workers for a build of an ONNX model for ``device``; the answer is a deploy
+    command to the device that names the request (``build_request``)."""
+    request_id = request_id or new_request_id()
+    return {
+        "request_id": request_id,
+        "device": device,
+        "name": name,
+        "sha256": hashlib.sha256(onnx).hexdigest(),
+        "onnx": base64.b64encode(onnx).decode(),
+        "reply_to": build_reply_topic(device, request_id),
+    }
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    request_id: str
+    device: str
+    name: str
+    sha256: str
+    onnx: bytes
+    reply_to: str | None
+
+
+def parse_build_request(payload: bytes) -> BuildRequest:
+    """Decode a build request; raises ``ProtocolError`` naming what is wrong (with the request
+    id when it had one)."""
+    command = parse_command("build", payload, known=("build",))
+    try:
+        device = check_name("device", command.text("device"))
+        name = check_name("model name", command.text("name"))
+        sha256, onnx = command.text("sha256"), command.blob("onnx")
+        if hashlib.sha256(onnx).hexdigest() != sha256:
+            raise ProtocolError("bad-request", "build: 'onnx' does not have the sha256 named")
+    except ProtocolError as err:
+        raise ProtocolError(err.code, err.message, command.request_id) from err
+    return BuildRequest(command.request_id, device, name, sha256, onnx, command.reply_to)
 
 
 # --- tensors -------------------------------------------------------------------------------------

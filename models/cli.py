@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import urllib.error
@@ -32,6 +33,7 @@ from models.compiler import CompileRequest, compile_model, golden_inputs
 from models.fleet import Fleet, decode_outputs
 from models.progress import Progress
 from models.store import ArtifactStore, StoreServer
+from models.worker import Worker
 from vta.bitstreams import CATALOG, catalog_entry, load_catalog
 from vta.config import VtaConfig
 from vta.drivers.pynq import BOARDS as FPGA_BOARDS
@@ -183,6 +185,23 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             server.server_close()
             if broker is not None:
                 broker.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    worker = Worker(config.build, store_url(config), args.id)
+    signal.signal(signal.SIGTERM, lambda signum, frame: worker.stop())
+    print(
+        f"worker {worker.worker_id}: taking build requests at {config.build.broker_url}, "
+        f"artifacts into {config.build.store_dir}",
+        flush=True,
+    )
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.close()
     return 0
 
 
@@ -413,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the artifact store over HTTP")
     p.add_argument("--port", type=int, help="port (default: [build.serve] port)")
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser(
+        "worker", help="build models on demand for devices that ask (shares the store's jobs)"
+    )
+    p.add_argument("--id", default="", help="name in logs and replies (default: host-pid)")
+    p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("devices", help="list devices from their retained state and capabilities")
     p.add_argument("--json", action="store_true", help="print the raw documents")

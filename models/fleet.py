@@ -117,11 +117,11 @@ class Fleet:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_connect = self._on_reconnect
-        self._subscribe(
+        self.subscribe(
             [f"{PREFIX}/dev/+/{leaf}" for leaf in ("state", "caps", "models", "events")], timeout_s
         )
 
-    def _subscribe(self, topics: list[str], timeout_s: float) -> None:
+    def subscribe(self, topics: list[str], timeout_s: float) -> None:
         """Subscribe and wait for the broker's SUBACK, so nothing published later is missed."""
         acked = threading.Event()
         with self._lock:
@@ -339,7 +339,7 @@ class Fleet:
 
         self.client.message_callback_add(reply_to, on_reply)
         try:
-            self._subscribe([reply_to], timeout_s)
+            self.subscribe([reply_to], timeout_s)
             self._send(request_id, device, verb, dumps(command))
             if not arrived.wait(timeout_s):
                 raise BoostError(

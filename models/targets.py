@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -165,3 +166,15 @@ def resolve(name: str, board: str | None = None) -> TargetSpec:
             else spec.tvm_target,
         )
     return spec
+
+
+def for_device(caps: Mapping[str, Any]) -> TargetSpec:
+    """The CPU target that runs on the device a capability document describes."""
+    triple = (caps.get("cpu") or {}).get("triple")
+    for spec in TARGETS.values():
+        if spec.triple == triple:
+            return resolve(spec.name)
+    raise BoostError(
+        f"no build target for a {triple or 'unknown'} CPU; this build host builds for "
+        f"{', '.join(s.triple for s in TARGETS.values())}"
+    )

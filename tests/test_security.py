@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from agent import mqtt
 from agent.config import BuildConfig, MqttConfig
 from agent.errors import BoostError
-from agent.protocol import device_topic, dumps, group_topic
+from agent.protocol import build_reply_topic, device_topic, dumps, group_topic
 from models.broker import LocalBroker, free_port
 from models.fleet import Fleet
 from tests.support.fleet import AgentProcess, CountingStore, Watcher, deploy
@@ -34,8 +34,9 @@ BUILD_USER = "boost-build"
 DEVICES = {"dev1": ["lab"], "dev2": []}
 
 # The ACL the README's Security section documents: the build host may do anything under
-# boost/v1; a device reads only its own and its groups' commands and writes only its own
-# documents, events, metrics and replies to the build host.
+# boost/v1; a device reads only its own and its groups' commands and the workers' answers to its
+# build requests, and writes only its own documents, events, metrics, replies to the build host
+# and build requests.
 ACL = """\
 user {build}
 topic readwrite boost/v1/#
@@ -47,6 +48,8 @@ pattern write boost/v1/dev/%u/models
 pattern write boost/v1/dev/%u/events
 pattern write boost/v1/dev/%u/metrics
 pattern write boost/v1/build/replies/#
+pattern write boost/v1/build/requests
+pattern read boost/v1/build/replies/%u/#
 """
 
 
@@ -233,6 +236,7 @@ def test_tls_credentials_and_acl_confine_each_device(
 
         # dev2 may speak for itself only.
         assert intruder.publish(device_topic("dev2", "state"), b'{"online": true}') == 0
+        assert intruder.publish("boost/v1/build/requests", b"{}") == 0  # answered with an error
         mark = watcher.mark()
         ping = dumps({"request_id": "forged"})
         refused = {
@@ -241,7 +245,6 @@ def test_tls_credentials_and_acl_confine_each_device(
             "command itself": (device_topic("dev2", "cmd/undeploy"), ping),
             "forge another device's state": (device_topic("dev1", "state"), b'{"online": false}'),
             "forge another device's events": (device_topic("dev1", "events"), ping),
-            "ask for builds as the build host": ("boost/v1/build/requests", ping),
         }
         for what, (topic, payload) in refused.items():
             assert intruder.publish(topic, payload) == NOT_AUTHORIZED, what
@@ -250,6 +253,7 @@ def test_tls_credentials_and_acl_confine_each_device(
         for topic in (device_topic("dev1", "cmd/#"), "boost/v1/#", group_topic("lab", "cmd/#")):
             intruder.subscribe(topic)
         time.sleep(0.5)
+        watcher.client.publish(build_reply_topic("dev1", "r"), b'{"request_id": "r"}', qos=1)
         for topic in (device_topic("dev1", "cmd/ping"), group_topic("lab", "cmd/ping")):
             request_id = f"secret-{topic.split('/')[2]}"
             watcher.client.publish(topic, dumps({"request_id": request_id}), qos=1)

@@ -1,0 +1,116 @@
+"""The agent's local API: a Unix socket for applications on the device (the interposer).
+
+Enabled by ``[agent] local_api = true``; the socket is ``<state_dir>/agent.sock``, mode 0660, so
+only the agent's user and group reach it (no network port is opened). One JSON object per line
+each way:
+
+- ``{"op": "lookup", "sha256": S}``: the active build of the ONNX model whose sha256 is ``S``
+  (``build``: model name, digest and the cache directory to load it from, or null) and the latest
+  on-demand build request for it (``request``, or null).
+- ``{"op": "request", "name": N, "onnx": <base64>}``: ask the build workers for a build of that
+  model for this device (once: a request still waiting is returned instead).
+
+Answers are ``{"ok": true, ...}`` or ``{"ok": false, "error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.errors import BoostError
+from agent.protocol import ProtocolError, check_name, error_reply
+
+log = logging.getLogger(__name__)
+
+SOCKET = "agent.sock"
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class LocalApi:
+    def __init__(self, path: Path, ops: Mapping[str, Handler], max_bytes: int) -> None:
+        self.path = path
+        self.ops = ops
+        self.max_bytes = max_bytes
+        self.path.unlink(missing_ok=True)  # left by an agent that was killed
+        api = self
+
+        class _Connection(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while line := self.rfile.readline(api.max_bytes + 1):
+                    answer = api.answer(line)
+                    self.wfile.write(json.dumps(answer).encode() + b"\n")
+                    self.wfile.flush()
+
+        self.server = socketserver.ThreadingUnixStreamServer(str(path), _Connection)
+        self.server.daemon_threads = True
+        os.chmod(path, 0o660)
+        self._thread = threading.Thread(target=self.server.serve_forever, name="local-api")
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("local API at %s", self.path)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.path.unlink(missing_ok=True)
+
+    def answer(self, line: bytes) -> dict[str, Any]:
+        if len(line) > self.max_bytes:
+            return error_reply(None, "too-large", f"requests are limited to {self.max_bytes} bytes")
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError) as err:
+            return error_reply(None, "bad-json", f"not a JSON line ({err})")
+        if not isinstance(request, dict) or request.get("op") not in self.ops:
+            return error_reply(None, "unknown-op", f"'op' must be one of {', '.join(self.ops)}")
+        try:
+            return {"ok": True, **self.ops[request["op"]](request)}
+        except ProtocolError as err:
+            return error_reply(None, err.code, err.message)
+        except BoostError as err:
+            return error_reply(None, "failed", str(err))
+        except Exception as err:  # the socket serves applications: it must survive their input
+            log.exception("local API %s crashed", request["op"])
+            return error_reply(None, "internal", f"{request['op']} failed: {err}")
+
+
+def text(request: dict[str, Any], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError("bad-request", f"{request['op']}: {key!r} must be a non-empty string")
+    return value
+
+
+def model_bytes(request: dict[str, Any]) -> tuple[str, bytes]:
+    """The ``name`` and decoded ``onnx`` of a request."""
+    name = check_name("model name", text(request, "name"))
+    try:
+        return name, base64.b64decode(text(request, "onnx"), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ProtocolError("bad-request", f"{request['op']}: 'onnx' is not base64") from err
+
+
+def call(path: Path, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+    """One request to the local API at ``path`` (an application's side)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        with sock.makefile("rb") as answers:
+            line = answers.readline()
+    if not line:
+        raise BoostError(f"{path}: the agent closed the connection without an answer")
+    answer: dict[str, Any] = json.loads(line)
+    return answer
