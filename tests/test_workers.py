@@ -213,13 +213,14 @@ def test_bad_requests_get_structured_errors(
         ({"device": "dev1", "sha256": "0" * 64}, "bad-request"),  # not the onnx's digest
         ({"device": "ghost"}, "unknown-device"),
         ({"name": "../x"}, "bad-request"),
+        ({}, "build-failed"),  # well formed, but not an ONNX model: the compiler says why
     ]
     for change, code in cases:
         request = {**build_request("dev1", "m", b"not onnx"), **change}
         mark = watcher.mark()
         watcher.client.publish(BUILD_REQUESTS, dumps(request), qos=1)
         reply_to = request["reply_to"]
-        reply = watcher.wait_for(lambda t, p, reply_to=reply_to: t == reply_to, 30, mark)
+        reply = watcher.wait_for(lambda t, p, to=reply_to: t == to and "error" in p, 60, mark)
         assert reply["error"]["code"] == code, (change, reply)
     sock = agent.state_dir / SOCKET
     assert oct(sock.stat().st_mode & 0o777) == "0o660"
