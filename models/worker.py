@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = "model.onnx"
 BUILD_LOCK = "build.lock"
+DELIVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,6 @@ class Worker:
         self.builds = config.store_dir / "builds"
         self.worker_id = worker_id or f"{platform.node()}-{os.getpid()}"
         self.scan_s = scan_s
-        #: Keys this worker compiled (the others it answered were built before or elsewhere).
-        self.compiled: list[str] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         for folder in (self.jobs, self.builds):
@@ -193,7 +192,10 @@ class Worker:
                 log.exception("worker %s: build %s crashed", self.worker_id, job.name)
                 self._fail(job.name, "internal", f"the build crashed: {err}")
                 return
-            self._deliver(job.name, built)
+            try:
+                self._deliver(job.name, built)
+            except (BoostError, RuntimeError, ValueError) as err:  # paho: not connected
+                log.warning("worker %s: %s not delivered yet (%s)", self.worker_id, job.name, err)
         finally:
             os.close(fd)
 
@@ -223,12 +225,12 @@ class Worker:
         published = self.store.publish(result.artifact)
         built = {"digest": published.digest, "size": published.path.stat().st_size}
         atomic_write_json(self.builds / f"{key}.json", built)
-        self.compiled.append(key)
         log.info("worker %s: built %s in %.1f s", self.worker_id, key, result.seconds)
         return built
 
     def _deliver(self, key: str, built: dict[str, Any]) -> None:
-        """Send every waiting device the deploy command of the build, then forget the job."""
+        """Send every waiting device the deploy command of the build, then forget the job (a
+        request whose command the broker did not take stays for the next scan)."""
         digest, size = str(built["digest"]), int(built["size"])
         manifest, signature = read_manifest(self.store.path_of(digest))
         url = f"{self.store_url}/sha256/{digest}"
@@ -241,7 +243,9 @@ class Worker:
                 info = self.fleet.client.publish(
                     device_topic(w.device, "cmd/deploy"), dumps(command), qos=1
                 )
-                info.wait_for_publish(30)
+                info.wait_for_publish(DELIVERY_S)
+                if not info.is_published():  # the request file stays: the next scan sends again
+                    raise BoostError(f"the broker did not take the deploy command to {w.device}")
                 self._reply(
                     w.reply_to,
                     {
