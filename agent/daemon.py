@@ -33,7 +33,7 @@ from agent.capabilities import default_device_id, probe, probe_accelerators
 from agent.config import AgentConfig
 from agent.deploy import Deployer, PendingDeploys, repair_command
 from agent.errors import BoostError
-from agent.local_api import SOCKET, LocalApi, model_bytes, text
+from agent.local_api import ENGINES, SOCKET, LocalApi, model_bytes, text
 from agent.protocol import (
     BUILD_REQUESTS,
     Command,
@@ -71,6 +71,10 @@ class Metrics:
         self._latency: dict[str, list[float]] = {}
         self._count: dict[str, int] = {}
         self._errors: dict[str, int] = {}
+        #: Calls applications ran themselves through the interposer, by engine (since the last
+        #: report), and the engine each chose with the latencies it measured (the latest).
+        self._engines: dict[str, dict[str, int]] = {}
+        self._choices: dict[str, dict[str, Any]] = {}
         self.evictions = 0
 
     def record(self, model: str, seconds: float | None) -> None:
@@ -83,11 +87,24 @@ class Metrics:
             samples.append(seconds * 1e3)
             del samples[:-LATENCY_SAMPLES]
 
+    def record_calls(self, model: str, engine: str, latencies_ms: list[float]) -> None:
+        with self._lock:
+            self._count[model] = self._count.get(model, 0) + len(latencies_ms)
+            samples = self._latency.setdefault(model, [])
+            samples.extend(latencies_ms)
+            del samples[:-LATENCY_SAMPLES]
+            engines = self._engines.setdefault(model, {})
+            engines[engine] = engines.get(engine, 0) + len(latencies_ms)
+
+    def choose(self, model: str, choice: dict[str, Any]) -> None:
+        with self._lock:
+            self._choices[model] = choice
+
     def report(self) -> dict[str, Any]:
         with self._lock:
             models = {}
-            for name in sorted(set(self._count) | set(self._errors)):
-                lat = np.array(self._latency.get(name, []) or [np.nan])
+            for name in sorted(set(self._count) | set(self._errors) | set(self._choices)):
+                lat = np.array(self._latency.get(name, []))
                 models[name] = {
                     "invocations": self._count.get(name, 0),
                     "errors": self._errors.get(name, 0),
@@ -95,11 +112,18 @@ class Metrics:
                         "mean": round(float(np.mean(lat)), 3),
                         "p50": round(float(np.percentile(lat, 50)), 3),
                         "p95": round(float(np.percentile(lat, 95)), 3),
-                    },
+                    }
+                    if lat.size
+                    else None,  # no successful call since the last report
                 }
+                if name in self._engines:
+                    models[name]["engines"] = self._engines[name]
+                if name in self._choices:
+                    models[name]["choice"] = self._choices[name]
             self._latency.clear()
             self._count.clear()
             self._errors.clear()
+            self._engines = {}
             return models
 
 
@@ -159,7 +183,7 @@ class Agent:
             self.deploys.put((command, attempts))
         self._caps = self._probe()
         if self.config.local_api:
-            ops = {"lookup": self._lookup, "request": self._request_build}
+            ops = {"lookup": self._lookup, "request": self._request_build, "report": self._report}
             self.local_api = LocalApi(
                 self.config.state_dir / SOCKET, ops, self.config.max_command_bytes
             )
@@ -548,6 +572,32 @@ class Agent:
         log.info("build request %s: %s (%s) asked for", record.request_id, name, sha256[:12])
         return {"request": record.to_json(), "new": True}
 
+    def _report(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Calls an application ran itself (the interposer), and the engine it chose."""
+        name = check_name("model name", text(request, "model"))
+        calls, choice = request.get("calls"), request.get("choice") or {}
+        if not isinstance(calls, dict) or not all(
+            engine in ENGINES and isinstance(ms, list) and all(map(_is_number, ms))
+            for engine, ms in calls.items()
+        ):
+            raise ProtocolError(
+                "bad-request",
+                f"report: 'calls' must map {' or '.join(ENGINES)} to milliseconds",
+            )
+        latency = choice.get("latency_ms") if isinstance(choice, dict) else None
+        if choice and not (
+            choice.get("engine") in ENGINES
+            and isinstance(latency, dict)
+            and set(latency) <= set(ENGINES)
+            and all(map(_is_number, latency.values()))
+        ):
+            raise ProtocolError("bad-request", "report: 'choice' needs 'engine' and 'latency_ms'")
+        for engine, ms in calls.items():
+            self.metrics.record_calls(name, engine, [float(x) for x in ms])
+        if choice:
+            self.metrics.choose(name, {"engine": choice["engine"], "latency_ms": latency})
+        return {}
+
     def _on_build_reply(self, payload: bytes) -> None:
         try:
             reply = json.loads(payload)
@@ -582,3 +632,7 @@ class Agent:
                 dumps({"ts": now(), "models": self.metrics.report(), "cache": cache}),
                 qos=0,
             )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

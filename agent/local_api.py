@@ -9,6 +9,9 @@ each way:
   on-demand build request for it (``request``, or null).
 - ``{"op": "request", "name": N, "onnx": <base64>}``: ask the build workers for a build of that
   model for this device (once: a request still waiting is returned instead).
+- ``{"op": "report", "model": N, "calls": {E: [ms, ...]}, "choice": {"engine": E,
+  "latency_ms": {E: ms}}}``: calls an application ran itself on engine ``E`` (``onnxruntime`` or
+  ``tvm``, the interposer's) and its choice; they go into the agent's metrics.
 
 Answers are ``{"ok": true, ...}`` or ``{"ok": false, "error": {"code", "message"}}``.
 """
@@ -33,6 +36,8 @@ from agent.protocol import ProtocolError, check_name, error_reply
 log = logging.getLogger(__name__)
 
 SOCKET = "agent.sock"
+#: The engines an application's interposed session runs on.
+ENGINES = ("onnxruntime", "tvm")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from models.compiler import CompileRequest, compile_model
 from models.fleet import Fleet
 from models.progress import Progress
 from tests.support.firmware import build_host
-from tests.support.fleet import AgentProcess, CountingStore, Watcher
+from tests.support.fleet import AgentProcess, CountingStore, Watcher, WorkerProcess
 from vta.config import VtaConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,3 +181,48 @@ def firmware(tmp_path_factory: pytest.TempPathFactory) -> Callable[[VtaConfig], 
         return built[cfg.bitstream_id]
 
     return host_build
+
+
+@pytest.fixture
+def workers(
+    tmp_path: Path, broker: LocalBroker, store: CountingStore, keys: Keys
+) -> Iterator[Callable[[str], WorkerProcess]]:
+    """``boost-build worker`` processes sharing the test store's directory."""
+    started: list[WorkerProcess] = []
+
+    def start(name: str) -> WorkerProcess:
+        root = tmp_path / name
+        root.mkdir()
+        (root / "deploy.toml").write_text(
+            f'[build]\nstore_dir = "{store.store.root}"\nsigning_key = "{keys[0]}"\n'
+            f'tuning_db = "{tmp_path / "tuning"}"\n'
+            f'[build.serve]\npublic_url = "{store.url}"\n[build.mqtt]\nurl = "{broker.url}"\n'
+        )
+        with open(root / "worker.log", "wb") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "models.cli",
+                    "--config",
+                    str(root / "deploy.toml"),
+                    "worker",
+                    "--id",
+                    name,
+                ],
+                stdout=log,
+                stderr=log,
+                cwd=REPO,
+            )
+        worker = WorkerProcess(root, process)
+        started.append(worker)
+        deadline = time.monotonic() + 60
+        while "taking build requests" not in worker.log:
+            assert process.poll() is None and time.monotonic() < deadline, worker.log
+            time.sleep(0.1)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.process.kill()
+        worker.process.wait()

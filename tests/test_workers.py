@@ -7,80 +7,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from agent.artifact import read_manifest
 from agent.local_api import SOCKET, call
 from agent.protocol import BUILD_REQUESTS, build_request, deploy_command, dumps
-from models.broker import LocalBroker
-from tests.support.fleet import REPO, AgentProcess, CountingStore, Watcher, online
-
-Keys = tuple[Path, Path]
-
-
-@dataclass
-class WorkerProcess:
-    root: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def log(self) -> str:
-        return (self.root / "worker.log").read_text(errors="replace")
-
-
-@pytest.fixture
-def workers(
-    tmp_path: Path, broker: LocalBroker, store: CountingStore, keys: Keys
-) -> Iterator[Callable[[str], WorkerProcess]]:
-    """``boost-build worker`` processes sharing the test store's directory."""
-    started: list[WorkerProcess] = []
-
-    def start(name: str) -> WorkerProcess:
-        root = tmp_path / name
-        root.mkdir()
-        (root / "deploy.toml").write_text(
-            f'[build]\nstore_dir = "{store.store.root}"\nsigning_key = "{keys[0]}"\n'
-            f'tuning_db = "{tmp_path / "tuning"}"\n'
-            f'[build.serve]\npublic_url = "{store.url}"\n[build.mqtt]\nurl = "{broker.url}"\n'
-        )
-        with open(root / "worker.log", "wb") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "models.cli",
-                    "--config",
-                    str(root / "deploy.toml"),
-                    "-v",
-                    "worker",
-                    "--id",
-                    name,
-                ],
-                stdout=log,
-                stderr=log,
-                cwd=REPO,
-            )
-        worker = WorkerProcess(root, process)
-        started.append(worker)
-        deadline = time.monotonic() + 60
-        while "taking build requests" not in worker.log:
-            assert process.poll() is None and time.monotonic() < deadline, worker.log
-            time.sleep(0.1)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.process.kill()
-        worker.process.wait()
+from tests.support.fleet import AgentProcess, CountingStore, Watcher, WorkerProcess, online
 
 
 def ask(agent: AgentProcess, onnx: Path) -> dict[str, Any]:

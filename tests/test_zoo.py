@@ -8,7 +8,7 @@ from models import zoo
 from tests.conftest import run_cli
 
 
-@pytest.mark.parametrize("name", ["tiny_cnn", "resnet18", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["tiny_cnn", "resnet18", "mobilenetv2", "feature_pipeline"])
 def test_generators_are_deterministic_and_run(name: str) -> None:
     first, second = zoo.get(name), zoo.get(name)
     assert first.model.SerializeToString() == second.model.SerializeToString()

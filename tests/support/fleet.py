@@ -192,6 +192,16 @@ class AgentProcess:
         return self.log.read_text(errors="replace")
 
 
+@dataclass
+class WorkerProcess:
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def log(self) -> str:
+        return (self.root / "worker.log").read_text(errors="replace")
+
+
 class Watcher:
     """A test's MQTT client: records every message under ``topics`` and sends commands."""
 
