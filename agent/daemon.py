@@ -102,7 +102,7 @@ class Metrics:
 
     def report(self) -> dict[str, Any]:
         with self._lock:
-            models = {}
+            models: dict[str, dict[str, Any]] = {}
             for name in sorted(set(self._count) | set(self._errors) | set(self._choices)):
                 lat = np.array(self._latency.get(name, []))
                 models[name] = {
