@@ -595,7 +595,10 @@ class Agent:
         for engine, ms in calls.items():
             self.metrics.record_calls(name, engine, [float(x) for x in ms])
         if choice:
-            self.metrics.choose(name, {"engine": choice["engine"], "latency_ms": latency})
+            kept = {"engine": choice["engine"], "latency_ms": latency}
+            if isinstance(choice.get("fallback"), str):  # why the build was left
+                kept["fallback"] = choice["fallback"][:500]
+            self.metrics.choose(name, kept)
         return {}
 
     def _on_build_reply(self, payload: bytes) -> None:

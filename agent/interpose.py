@@ -13,7 +13,10 @@ workers; it polls until the build is active. Then it verifies the build's files,
 the TVM runtime in this process, checks it against ONNX Runtime on the build's golden inputs
 (within the artifact's tolerance) and times both: ``run`` switches to the build only when it is
 correct and faster, so boost never makes an application slower. The switch happens between two
-calls; no call waits for it. Without the agent (no local API) the session stays on ONNX Runtime.
+calls; no call waits for it. Should the build fail later (its library or accelerator), that call
+and the following ones run on ONNX Runtime again; inputs the build refuses go to ONNX Runtime,
+which answers or raises as the application expects. Without the agent (no local API) the session
+stays on ONNX Runtime.
 The session reports its calls per engine and its choice to the agent, which publishes them in
 its metrics.
 """
@@ -40,7 +43,7 @@ from agent.artifact import load_public_key, verify_unpacked
 from agent.config import AgentConfig, load_config
 from agent.errors import BoostError
 from agent.local_api import ENGINES, SOCKET, call
-from agent.runtime import LoadedModel, TvmRuntime
+from agent.runtime import InferenceInputError, LoadedModel, TvmRuntime
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +120,19 @@ class BoostSession:
     ) -> list[Any]:
         start = time.perf_counter()
         build = self._build
-        if build is None:
-            outputs: list[Any] = self._ort.run(output_names, input_feed, run_options)
-        else:
-            outputs = self._run_build(build, output_names, input_feed)
+        outputs: list[Any] | None = None
+        if build is not None:
+            try:
+                outputs = self._run_build(build, output_names, input_feed)
+            except InferenceInputError:
+                pass  # ONNX Runtime answers (or raises) as the application expects of it
+            except Exception as err:  # the build or its accelerator failed: back to ONNX Runtime
+                self._fall_back(err)
+        engine = TVM if outputs is not None else ORT
+        if outputs is None:
+            outputs = self._ort.run(output_names, input_feed, run_options)
         with self._lock:
-            self._calls[TVM if build is not None else ORT].append(time.perf_counter() - start)
+            self._calls[engine].append(time.perf_counter() - start)
         return outputs
 
     def __getattr__(self, name: str) -> Any:
@@ -134,6 +144,12 @@ class BoostSession:
         self._closed.set()
         for thread in self._threads:
             thread.join()
+
+    def _fall_back(self, err: Exception) -> None:
+        log.warning("boost: %s: the build failed (%s); back on ONNX Runtime", self.boost_name, err)
+        self._build = None
+        self.boost_engine = ORT
+        self.boost_choice = {**self.boost_choice, "engine": ORT, "fallback": str(err)[:500]}
 
     def _run_build(
         self, build: LoadedModel, output_names: Sequence[str] | None, feeds: Mapping[str, Any]

@@ -10,8 +10,9 @@ each way:
 - ``{"op": "request", "name": N, "onnx": <base64>}``: ask the build workers for a build of that
   model for this device (once: a request still waiting is returned instead).
 - ``{"op": "report", "model": N, "calls": {E: [ms, ...]}, "choice": {"engine": E,
-  "latency_ms": {E: ms}}}``: calls an application ran itself on engine ``E`` (``onnxruntime`` or
-  ``tvm``, the interposer's) and its choice; they go into the agent's metrics.
+  "latency_ms": {E: ms}, "fallback": why}}``: calls an application ran itself on engine ``E``
+  (``onnxruntime`` or ``tvm``, the interposer's), its choice and, when it left a failing build,
+  why; they go into the agent's metrics.
 
 Answers are ``{"ok": true, ...}`` or ``{"ok": false, "error": {"code", "message"}}``.
 """

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from agent.runtime import InferenceInputError
 from tests.support.fleet import REPO, AgentProcess, Watcher, WorkerProcess, online
 
 # An application that knows nothing of boost: it runs its model until told to stop (a file
@@ -163,3 +164,47 @@ def test_without_an_agent_the_session_is_onnx_runtime_and_disable_restores_it(
     finally:
         interpose.disable()
     assert ort.InferenceSession is original
+
+
+class FailingBuild:
+    """A loaded build whose accelerator went away: every run fails."""
+
+    outputs = ()
+
+    def run(self, feeds: object) -> list[object]:
+        raise RuntimeError("vta-serial: the coprocessor does not answer")
+
+
+class RefusingBuild:
+    outputs = ()
+
+    def run(self, feeds: object) -> list[object]:
+        raise InferenceInputError("input 'input': expected float32")
+
+
+def test_a_failing_build_falls_back_to_onnx_runtime(
+    zoo_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    onnx = zoo_model("tiny_cnn")
+    (tmp_path / "deploy.toml").write_text('[agent]\nstate_dir = "nowhere"\n')
+    monkeypatch.setenv("BOOST_CONFIG", str(tmp_path / "deploy.toml"))
+    interpose = importlib.import_module("agent.interpose")
+    try:
+        interpose.enable()
+        session = ort.InferenceSession(str(onnx))
+        session.boost_close()
+        session._build = FailingBuild()  # as if it had been chosen
+        session.boost_engine = "tvm"
+        x = np.load(onnx.with_suffix(".npz"))["input"][:1]
+        expected = session._ort.run(None, {"input": x})
+        np.testing.assert_array_equal(session.run(None, {"input": x})[0], expected[0])
+        assert session.boost_engine == "onnxruntime" and session._build is None
+        assert "does not answer" in session.boost_choice["fallback"]
+        # Inputs a build refuses get ONNX Runtime's own error, and the build stays chosen.
+        session._build = RefusingBuild()
+        with pytest.raises(Exception, match=r"(?i)invalid|type|shape|rank") as raised:
+            session.run(None, {"input": x.astype(np.float64)})
+        assert not isinstance(raised.value, InferenceInputError)
+        assert isinstance(session._build, RefusingBuild)
+    finally:
+        interpose.disable()
