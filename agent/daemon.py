@@ -33,7 +33,7 @@ from agent.capabilities import default_device_id, probe, probe_accelerators
 from agent.config import AgentConfig
 from agent.deploy import Deployer, PendingDeploys, repair_command
 from agent.errors import BoostError
-from agent.local_api import ENGINES, SOCKET, LocalApi, model_bytes, text
+from agent.local_api import ENGINES, SOCKET, LocalApi
 from agent.protocol import (
     BUILD_REQUESTS,
     Command,
@@ -526,8 +526,8 @@ class Agent:
 
     # --- on-demand builds (the local API's operations) -------------------------------------------
 
-    def _lookup(self, request: dict[str, Any]) -> dict[str, Any]:
-        sha256 = text(request, "sha256")
+    def _lookup(self, request: Command) -> dict[str, Any]:
+        sha256 = request.text("sha256")
         record = self.builds.latest(sha256)
         return {
             "build": self._active_build(sha256),
@@ -554,10 +554,10 @@ class Agent:
                 }
         return None
 
-    def _request_build(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _request_build(self, request: Command) -> dict[str, Any]:
         """Ask the build workers for a build (a request still waiting is not repeated unless it
         got no answer for ``BUILD_RETRY_S``: then it goes out again under the same id)."""
-        name, onnx = model_bytes(request)
+        name, onnx = check_name("model name", request.text("name")), request.blob("onnx")
         sha256 = hashlib.sha256(onnx).hexdigest()
         record = self.builds.waiting_for(sha256)
         if record is not None and (
@@ -572,10 +572,10 @@ class Agent:
         log.info("build request %s: %s (%s) asked for", record.request_id, name, sha256[:12])
         return {"request": record.to_json(), "new": True}
 
-    def _report(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _report(self, request: Command) -> dict[str, Any]:
         """Calls an application ran itself (the interposer), and the engine it chose."""
-        name = check_name("model name", text(request, "model"))
-        calls, choice = request.get("calls"), request.get("choice") or {}
+        name = check_name("model name", request.text("model"))
+        calls, choice = request.body.get("calls"), request.body.get("choice") or {}
         if not isinstance(calls, dict) or not all(
             engine in ENGINES and isinstance(ms, list) and all(map(_is_number, ms))
             for engine, ms in calls.items()

@@ -19,8 +19,6 @@ Answers are ``{"ok": true, ...}`` or ``{"ok": false, "error": {"code", "message"
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import os
@@ -32,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import BoostError
-from agent.protocol import ProtocolError, check_name, error_reply
+from agent.protocol import Command, ProtocolError, error_reply
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,9 @@ SOCKET = "agent.sock"
 #: The engines an application's interposed session runs on.
 ENGINES = ("onnxruntime", "tvm")
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+#: An operation: the request (as a ``Command`` named after its op, for its typed accessors) in,
+#: the answer's fields out.
+Handler = Callable[[Command], dict[str, Any]]
 
 
 class LocalApi:
@@ -79,33 +79,18 @@ class LocalApi:
             request = json.loads(line)
         except (ValueError, RecursionError) as err:
             return error_reply(None, "bad-json", f"not a JSON line ({err})")
-        if not isinstance(request, dict) or request.get("op") not in self.ops:
+        op = request.get("op") if isinstance(request, dict) else None
+        if not isinstance(op, str) or op not in self.ops:
             return error_reply(None, "unknown-op", f"'op' must be one of {', '.join(self.ops)}")
         try:
-            return {"ok": True, **self.ops[request["op"]](request)}
+            return {"ok": True, **self.ops[op](Command(op, "", None, request))}
         except ProtocolError as err:
             return error_reply(None, err.code, err.message)
         except BoostError as err:
             return error_reply(None, "failed", str(err))
         except Exception as err:  # the socket serves applications: it must survive their input
-            log.exception("local API %s crashed", request["op"])
-            return error_reply(None, "internal", f"{request['op']} failed: {err}")
-
-
-def text(request: dict[str, Any], key: str) -> str:
-    value = request.get(key)
-    if not isinstance(value, str) or not value:
-        raise ProtocolError("bad-request", f"{request['op']}: {key!r} must be a non-empty string")
-    return value
-
-
-def model_bytes(request: dict[str, Any]) -> tuple[str, bytes]:
-    """The ``name`` and decoded ``onnx`` of a request."""
-    name = check_name("model name", text(request, "name"))
-    try:
-        return name, base64.b64decode(text(request, "onnx"), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ProtocolError("bad-request", f"{request['op']}: 'onnx' is not base64") from err
+            log.exception("local API %s crashed", op)
+            return error_reply(None, "internal", f"{op} failed: {err}")
 
 
 def call(path: Path, request: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:

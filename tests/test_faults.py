@@ -124,6 +124,7 @@ def kill_during_deployments(
     )
 
 
+@pytest.mark.parametrize("kills", [20, pytest.param(100, marks=pytest.mark.slow)])
 def test_sigkill_at_random_points_of_deployments(
     agents: Callable[..., AgentProcess],
     watcher: Watcher,
@@ -131,20 +132,9 @@ def test_sigkill_at_random_points_of_deployments(
     build: Callable[..., Path],
     keys: Keys,
     tmp_path: Path,
+    kills: int,
 ) -> None:
-    kill_during_deployments(20, agents, watcher, store, build, keys, tmp_path)
-
-
-@pytest.mark.slow
-def test_sigkill_at_100_random_points(
-    agents: Callable[..., AgentProcess],
-    watcher: Watcher,
-    store: CountingStore,
-    build: Callable[..., Path],
-    keys: Keys,
-    tmp_path: Path,
-) -> None:
-    kill_during_deployments(100, agents, watcher, store, build, keys, tmp_path)
+    kill_during_deployments(kills, agents, watcher, store, build, keys, tmp_path)
 
 
 def test_a_deployment_the_agent_keeps_dying_in_is_given_up(

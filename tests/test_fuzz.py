@@ -200,6 +200,9 @@ def fuzz(
         watcher.close()
 
 
+@pytest.mark.parametrize(
+    ("commands_n", "manifests_n"), [(300, 100), pytest.param(7000, 3000, marks=pytest.mark.slow)]
+)
 def test_fuzzed_commands_and_manifests(
     agents: Callable[..., AgentProcess],
     broker: Any,
@@ -207,20 +210,10 @@ def test_fuzzed_commands_and_manifests(
     store: CountingStore,
     build: Callable[..., Path],
     keys: Keys,
+    commands_n: int,
+    manifests_n: int,
 ) -> None:
-    fuzz(300, 100, agents, broker.url, fleet, store, build, keys)
-
-
-@pytest.mark.slow
-def test_10000_fuzzed_commands_and_manifests(
-    agents: Callable[..., AgentProcess],
-    broker: Any,
-    fleet: Fleet,
-    store: CountingStore,
-    build: Callable[..., Path],
-    keys: Keys,
-) -> None:
-    fuzz(7000, 3000, agents, broker.url, fleet, store, build, keys)
+    fuzz(commands_n, manifests_n, agents, broker.url, fleet, store, build, keys)
 
 
 def test_oversized_and_deeply_nested_commands(

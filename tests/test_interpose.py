@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,17 +141,25 @@ def test_an_unmodified_script_moves_to_the_build_only_when_it_is_faster(
     )
 
 
-def test_without_an_agent_the_session_is_onnx_runtime_and_disable_restores_it(
-    zoo_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    onnx = zoo_model("tiny_cnn")
+@pytest.fixture
+def without_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The interposer module, with no agent to find; disabled after the test."""
     (tmp_path / "deploy.toml").write_text('[agent]\nstate_dir = "nowhere"\n')
     monkeypatch.setenv("BOOST_CONFIG", str(tmp_path / "deploy.toml"))
-    original = ort.InferenceSession
     interpose = importlib.import_module("agent.interpose")
+    interpose.disable()  # importing it enabled it: each test starts from ONNX Runtime's class
+    yield interpose
+    interpose.disable()
+
+
+def test_without_an_agent_the_session_is_onnx_runtime_and_disable_restores_it(
+    zoo_model: Callable[[str], Path], without_agent: Any
+) -> None:
+    onnx = zoo_model("tiny_cnn")
+    original = ort.InferenceSession
     try:
-        interpose.enable()
-        assert ort.InferenceSession is interpose.BoostSession
+        without_agent.enable()
+        assert ort.InferenceSession is without_agent.BoostSession
         session = ort.InferenceSession(str(onnx))
         x = np.load(onnx.with_suffix(".npz"))["input"][:1]
         expected = original(str(onnx)).run(None, {"input": x})
@@ -162,7 +170,7 @@ def test_without_an_agent_the_session_is_onnx_runtime_and_disable_restores_it(
         session.boost_close()
         assert session.boost_engine == "onnxruntime"
     finally:
-        interpose.disable()
+        without_agent.disable()
     assert ort.InferenceSession is original
 
 
@@ -183,28 +191,22 @@ class RefusingBuild:
 
 
 def test_a_failing_build_falls_back_to_onnx_runtime(
-    zoo_model: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    zoo_model: Callable[[str], Path], without_agent: Any
 ) -> None:
     onnx = zoo_model("tiny_cnn")
-    (tmp_path / "deploy.toml").write_text('[agent]\nstate_dir = "nowhere"\n')
-    monkeypatch.setenv("BOOST_CONFIG", str(tmp_path / "deploy.toml"))
-    interpose = importlib.import_module("agent.interpose")
-    try:
-        interpose.enable()
-        session = ort.InferenceSession(str(onnx))
-        session.boost_close()
-        session._build = FailingBuild()  # as if it had been chosen
-        session.boost_engine = "tvm"
-        x = np.load(onnx.with_suffix(".npz"))["input"][:1]
-        expected = session._ort.run(None, {"input": x})
-        np.testing.assert_array_equal(session.run(None, {"input": x})[0], expected[0])
-        assert session.boost_engine == "onnxruntime" and session._build is None
-        assert "does not answer" in session.boost_choice["fallback"]
-        # Inputs a build refuses get ONNX Runtime's own error, and the build stays chosen.
-        session._build = RefusingBuild()
-        with pytest.raises(Exception, match=r"(?i)invalid|type|shape|rank") as raised:
-            session.run(None, {"input": x.astype(np.float64)})
-        assert not isinstance(raised.value, InferenceInputError)
-        assert isinstance(session._build, RefusingBuild)
-    finally:
-        interpose.disable()
+    without_agent.enable()
+    session = ort.InferenceSession(str(onnx))
+    session.boost_close()
+    session._build = FailingBuild()  # as if it had been chosen
+    session.boost_engine = "tvm"
+    x = np.load(onnx.with_suffix(".npz"))["input"][:1]
+    expected = session._ort.run(None, {"input": x})
+    np.testing.assert_array_equal(session.run(None, {"input": x})[0], expected[0])
+    assert session.boost_engine == "onnxruntime" and session._build is None
+    assert "does not answer" in session.boost_choice["fallback"]
+    # Inputs a build refuses get ONNX Runtime's own error, and the build stays chosen.
+    session._build = RefusingBuild()
+    with pytest.raises(Exception, match=r"(?i)invalid|type|shape|rank") as raised:
+        session.run(None, {"input": x.astype(np.float64)})
+    assert not isinstance(raised.value, InferenceInputError)
+    assert isinstance(session._build, RefusingBuild)

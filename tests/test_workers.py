@@ -162,6 +162,7 @@ def test_bad_requests_get_structured_errors(
     assert oct(sock.stat().st_mode & 0o777) == "0o660"
     for request, code in [
         ({"op": "reboot"}, "unknown-op"),
+        ({"op": ["lookup"]}, "unknown-op"),
         ({"op": "lookup"}, "bad-request"),
         ({"op": "request", "name": "m", "onnx": "%%%"}, "bad-request"),
         ({"op": "request", "name": "a/b", "onnx": "aGk="}, "bad-request"),
