@@ -332,9 +332,15 @@ def test_disk_full_fails_cleanly_and_eviction_makes_room(
     # The disk fills up while v4 downloads: a clean failure, nothing half written stays.
     store.pace_s = 0.3
     filler: list[Path] = []
+    mark = watcher.mark()
+
+    def v4_downloading(topic: str, payload: dict[str, Any]) -> bool:
+        # v4's own event: the watcher may still be receiving v3's when v3's deploy returns
+        return payload.get("state") == "downloading" and payload.get("version") == "4"
+
     filling = threading.Thread(
         target=lambda: (
-            watcher.wait_for(lambda t, p: p.get("state") == "downloading", 30, watcher.mark()),
+            watcher.wait_for(v4_downloading, 30, mark),
             filler.append(fill(small_disk, 0)),
         )
     )
