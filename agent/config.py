@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.engines import PREFER
 from agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -74,6 +75,7 @@ class AgentConfig:
     max_command_bytes: int = field(default=64 * 1024**2, metadata=_bounded(1024))
     step_timeout_s: float = field(default=300.0, metadata=_bounded(1))
     local_api: bool = False
+    prefer: str = field(default="fastest", metadata=_choices(*PREFER))
     mqtt: MqttConfig = MqttConfig()
     cache: CacheConfig = CacheConfig()
 

@@ -26,12 +26,12 @@ import numpy as np
 import paho.mqtt.client as paho
 
 from agent import mqtt
-from agent.artifact import MANIFEST, Manifest
 from agent.builds import BuildRequests
 from agent.cache import Eviction
 from agent.capabilities import default_device_id, probe, probe_accelerators
 from agent.config import AgentConfig
 from agent.deploy import Deployer, PendingDeploys, repair_command
+from agent.engines import Measured
 from agent.errors import BoostError
 from agent.local_api import ENGINES, SOCKET, LocalApi
 from agent.protocol import (
@@ -51,7 +51,7 @@ from agent.protocol import (
     now,
     parse_command,
 )
-from agent.registry import Accelerators, DamagedError, Registry, UnknownModelError
+from agent.registry import Accelerators, DamagedError, Loaded, Registry, UnknownModelError
 from agent.runtime import InferenceInputError
 
 log = logging.getLogger(__name__)
@@ -71,21 +71,16 @@ class Metrics:
         self._latency: dict[str, list[float]] = {}
         self._count: dict[str, int] = {}
         self._errors: dict[str, int] = {}
-        #: Calls applications ran themselves through the interposer, by engine (since the last
-        #: report), and the engine each chose with the latencies it measured (the latest).
+        #: Calls by engine since the last report (inferences over MQTT, and calls applications
+        #: ran themselves through the interposer), and the engine the interposer chose with the
+        #: latencies it measured (the latest).
         self._engines: dict[str, dict[str, int]] = {}
         self._choices: dict[str, dict[str, Any]] = {}
         self.evictions = 0
 
-    def record(self, model: str, seconds: float | None) -> None:
+    def record_error(self, model: str) -> None:
         with self._lock:
-            if seconds is None:
-                self._errors[model] = self._errors.get(model, 0) + 1
-                return
-            self._count[model] = self._count.get(model, 0) + 1
-            samples = self._latency.setdefault(model, [])
-            samples.append(seconds * 1e3)
-            del samples[:-LATENCY_SAMPLES]
+            self._errors[model] = self._errors.get(model, 0) + 1
 
     def record_calls(self, model: str, engine: str, latencies_ms: list[float]) -> None:
         with self._lock:
@@ -100,10 +95,12 @@ class Metrics:
         with self._lock:
             self._choices[model] = choice
 
-    def report(self) -> dict[str, Any]:
+    def report(self, serving: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The figures since the last report; ``serving`` is each model's ranking of builds."""
         with self._lock:
             models: dict[str, dict[str, Any]] = {}
-            for name in sorted(set(self._count) | set(self._errors) | set(self._choices)):
+            names = set(self._count) | set(self._errors) | set(self._choices) | set(serving)
+            for name in sorted(names):
                 lat = np.array(self._latency.get(name, []))
                 models[name] = {
                     "invocations": self._count.get(name, 0),
@@ -120,6 +117,8 @@ class Metrics:
                     models[name]["engines"] = self._engines[name]
                 if name in self._choices:
                     models[name]["choice"] = self._choices[name]
+                if name in serving:
+                    models[name]["serving"] = serving[name]
             self._latency.clear()
             self._count.clear()
             self._errors.clear()
@@ -431,17 +430,16 @@ class Agent:
             if not isinstance(raw_inputs, dict):
                 raise ProtocolError("bad-input", "infer: 'inputs' must map names to tensors")
             feeds = {name: decode_tensor(name, raw) for name, raw in raw_inputs.items()}
-            loaded = self.registry.active(model)
-            start = time.perf_counter()
-            outputs = loaded.model.run(feeds)
-            seconds = time.perf_counter() - start
-            self.metrics.record(model, seconds)
+            loaded, outputs, seconds = self._run(model, feeds)
+            engine = self.registry.engine(loaded.artifact.manifest)
+            self.metrics.record_calls(model, engine, [seconds * 1e3])
             answer = {
                 "request_id": command.request_id,
                 "ok": True,
                 "model": model,
                 "version": loaded.artifact.manifest.model_version,
                 "digest": loaded.digest,
+                "engine": engine,
                 "latency_ms": round(seconds * 1e3, 3),
                 "outputs": {
                     spec.name: encode_tensor(value)
@@ -463,8 +461,54 @@ class Agent:
             log.exception("inference on %s crashed", model)
             answer = error_reply(command.request_id, "internal", f"inference failed: {err}")
         if not answer["ok"]:
-            self.metrics.record(model, None)
+            self.metrics.record_error(model)
         self._answer(command, answer)
+
+    def _run(self, model: str, feeds: dict[str, np.ndarray]) -> tuple[Loaded, list[Any], float]:
+        """Run on the build that serves ``model``. A build whose run fails (not its inputs) is
+        taken out of service and the request runs again on the next one, while one is left."""
+        while True:
+            loaded = self.registry.active(model)
+            start = time.perf_counter()
+            try:
+                outputs = loaded.model.run(feeds)
+            except InferenceInputError:
+                raise
+            except Exception as err:  # a driver or runtime failure of this build's engine
+                reason = f"{type(err).__name__}: {err}"
+                instead = self.registry.engine_failed(model, loaded.digest, reason)
+                self._engine_failed(model, loaded, reason, instead)
+                if instead is None:
+                    raise
+                continue
+            return loaded, outputs, time.perf_counter() - start
+
+    def _engine_failed(
+        self, model: str, loaded: Loaded, reason: str, instead: Measured | None
+    ) -> None:
+        engine = self.registry.engine(loaded.artifact.manifest)
+        log.error(
+            "model %s: build %s on %s failed (%s); %s",
+            model,
+            loaded.digest[:12],
+            engine,
+            reason,
+            f"now served by {instead.engine}" if instead is not None else "no build left",
+        )
+        self._publish(
+            self.topic("events"),
+            {
+                "request_id": None,
+                "state": "engine-failed",
+                "model": model,
+                "engine": engine,
+                "digest": loaded.digest,
+                "detail": reason[:500],
+                "serving": instead.to_json() if instead is not None else None,
+                "ts": now(),
+            },
+        )
+        self._publish_models()
 
     def _digest_of(self, command: Command) -> str:
         """The digest a pin/unpin/evict names: ``digest``, or the active build of ``model``."""
@@ -506,6 +550,7 @@ class Agent:
             slot = self.registry.state.models.pop(name, None)
             if slot is None:
                 raise ProtocolError("unknown-model", f"no active model {name!r} on this device")
+            self.registry.rankings.pop(name, None)
             self.registry.state.save()
         self._publish_models()
         return {"request_id": command.request_id, "ok": True, "undeployed": name}
@@ -539,19 +584,18 @@ class Agent:
         with self.registry.lock:
             slots = dict(self.registry.state.models)
         for name, slot in sorted(slots.items()):
-            path = self.registry.disk.path(slot.active)
-            try:
-                manifest = Manifest.from_json((path / MANIFEST).read_bytes(), str(path))
-            except (OSError, BoostError):
-                continue
-            if manifest.source_sha256 == sha256 and manifest.target.accelerator is None:
-                return {
-                    "model": name,
-                    "version": slot.version,
-                    "digest": slot.active,
-                    "path": str(path),
-                    "library": manifest.library,
-                }
+            for digest in slot.builds():
+                manifest = self.registry.manifest(digest)
+                if manifest is None or manifest.source_sha256 != sha256:
+                    continue
+                if manifest.target.accelerator is None:
+                    return {
+                        "model": name,
+                        "version": slot.version,
+                        "digest": digest,
+                        "path": str(self.registry.disk.path(digest)),
+                        "library": manifest.library,
+                    }
         return None
 
     def _request_build(self, request: Command) -> dict[str, Any]:
@@ -629,10 +673,11 @@ class Agent:
                     "ram": {"hits": ram.hits, "misses": ram.misses, "used_bytes": ram.used()},
                     "evictions": self.metrics.evictions,
                 }
+                serving = {name: r.to_json() for name, r in self.registry.rankings.items()}
                 self.registry.disk.save()
             self.client.publish(
                 self.topic("metrics"),
-                dumps({"ts": now(), "models": self.metrics.report(), "cache": cache}),
+                dumps({"ts": now(), "models": self.metrics.report(serving), "cache": cache}),
                 qos=0,
             )
 

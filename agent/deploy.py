@@ -59,7 +59,6 @@ from agent.fpga import FpgaError
 from agent.fsutil import atomic_write_json
 from agent.protocol import Command, ProtocolError, check_name, new_request_id, now
 from agent.registry import Accelerators, DamagedError, Loaded, Registry
-from agent.runtime import golden_check
 from agent.state import ModelSlot
 
 if TYPE_CHECKING:
@@ -364,14 +363,13 @@ class Deployer:
                 programmed = True
             loaded = self._load(deployment, plan)
             deployment.enter(Phase.SMOKE_TESTING, load_ms=round(loaded.load_seconds * 1e3, 2))
-            golden = manifest.golden
-            report = golden_check(
-                loaded.model, loaded.artifact.path(golden.file), golden.rtol, golden.atol
-            )
+            report = loaded.smoke_test()
             if not report.passed:
                 raise DeployError("smoke-test", report.describe())
             self._activate(deployment, plan)
-            final = deployment.enter(Phase.ACTIVE, report.describe())
+            ranking = self.registry.rank(manifest.model_name)
+            engines = ranking.to_json() if ranking is not None else {}
+            final = deployment.enter(Phase.ACTIVE, report.describe(), **engines)
             self._record(deployment, final)
             return final
         except (BoostError, OSError) as err:
@@ -636,13 +634,7 @@ class Deployer:
             deployment.committed = True
             state = self.registry.state
             previous = state.models.get(name)
-            if previous is None:
-                last_good = None
-            elif previous.active == plan.sha256:  # the same build again (a damaged copy)
-                last_good = previous.last_good
-            else:
-                last_good = previous.active
-            state.models[name] = ModelSlot(plan.sha256, plan.manifest.model_version, last_good)
+            state.models[name] = self._slot(previous, plan)
             pinned = plan.sha256 in state.pins
             if plan.pin:
                 state.pins.add(plan.sha256)
@@ -658,6 +650,29 @@ class Deployer:
                 deployment.committed = False
                 raise
         log.info("model %s: version %s active", name, plan.manifest.model_version)
+
+    def _slot(self, previous: ModelSlot | None, plan: Plan) -> ModelSlot:
+        """The model's slot with ``plan`` active. A build of the version already active joins
+        the builds for other engines and replaces the one for its own; a build of another version
+        replaces them all. A build replaced becomes last-good."""
+        version = plan.manifest.model_version
+        if previous is None:
+            return ModelSlot(plan.sha256, version)
+        if previous.version != version:
+            return ModelSlot(plan.sha256, version, previous.active)
+        engine = self.registry.engine(plan.manifest)
+        others, replaced = [], []
+        for digest in previous.builds():
+            if digest == plan.sha256:  # the same build again (a damaged copy)
+                continue
+            manifest = self.registry.manifest(digest)
+            if manifest is not None and self.registry.engine(manifest) != engine:
+                others.append(digest)
+            else:
+                replaced.append(digest)
+        return ModelSlot(
+            plan.sha256, version, replaced[0] if replaced else previous.last_good, others
+        )
 
     def _pin(self, plan: Plan) -> None:
         if plan.pin:

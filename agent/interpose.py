@@ -29,11 +29,10 @@ import importlib
 import logging
 import os
 import runpy
-import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +40,10 @@ import numpy as np
 
 from agent.artifact import load_public_key, verify_unpacked
 from agent.config import AgentConfig, load_config
+from agent.engines import median_ms
 from agent.errors import BoostError
 from agent.local_api import ENGINES, SOCKET, call
-from agent.runtime import InferenceInputError, LoadedModel, TvmRuntime
+from agent.runtime import InferenceInputError, LoadedModel, TvmRuntime, golden_inputs
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ ORT, TVM = ENGINES
 POLL_S = float(os.environ.get("BOOST_INTERPOSE_POLL_S", "2"))
 #: Seconds between two reports of a session's calls to the agent.
 REPORT_S = float(os.environ.get("BOOST_INTERPOSE_REPORT_S", "5"))
-#: Timed runs of each engine when choosing.
-TIMED_RUNS = 20
 
 _original: Any = None
 _runtime: TvmRuntime | None = None
@@ -206,10 +204,7 @@ class BoostSession:
             verified = verify_unpacked(Path(build["path"]), trusted)
             manifest = verified.manifest
             loaded = _tvm().load(verified.path(manifest.library), manifest.inputs, manifest.outputs)
-            with np.load(verified.path(manifest.golden.file)) as golden:
-                feeds = {
-                    k.split(":", 1)[1]: golden[k] for k in golden.files if k.startswith("input:")
-                }
+            feeds = golden_inputs(verified.path(manifest.golden.file))
         except (OSError, ValueError, BoostError) as err:
             log.warning(
                 "boost: cannot use build %s (%s); staying on ONNX Runtime",
@@ -229,8 +224,8 @@ class BoostSession:
                     name,
                 )
                 return
-        ort_ms = _median_ms(lambda: self._ort.run(names, feeds))
-        tvm_ms = _median_ms(lambda: loaded.run(feeds))
+        ort_ms = median_ms(lambda: self._ort.run(names, feeds))
+        tvm_ms = median_ms(lambda: loaded.run(feeds))
         engine = TVM if tvm_ms < ort_ms else ORT
         self.boost_choice = {
             "engine": engine,
@@ -265,16 +260,6 @@ class BoostSession:
             call(socket, report)
         except (OSError, ValueError, BoostError) as err:
             log.debug("boost: report not delivered: %s", err)
-
-
-def _median_ms(run: Callable[[], object]) -> float:
-    run()
-    samples = []
-    for _ in range(TIMED_RUNS):
-        start = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
 
 
 def _tvm() -> TvmRuntime:

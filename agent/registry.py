@@ -14,13 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.artifact import VerifiedArtifact, load_public_key, verify_unpacked
+from agent.artifact import MANIFEST, Manifest, VerifiedArtifact, load_public_key, verify_unpacked
 from agent.cache import DiskCache, Eviction, LfuAging, ModuleCache, Source
 from agent.config import AgentConfig
+from agent.engines import CPU_ENGINE, TIMING_BUDGET_S, Measured, Ranking, median_ms
 from agent.errors import ArtifactError, BoostError
 from agent.fpga import Fpga
 from agent.fsutil import remove_stale_tmp
-from agent.runtime import LoadedModel, TvmRuntime
+from agent.runtime import GoldenReport, LoadedModel, TvmRuntime, golden_check, golden_inputs
 from agent.state import DeviceState, ModelSlot
 from vta.errors import VtaError
 
@@ -122,6 +123,11 @@ class Loaded:
     digest: str
     load_seconds: float
 
+    def smoke_test(self) -> GoldenReport:
+        """The artifact's golden test on the loaded module."""
+        golden = self.artifact.manifest.golden
+        return golden_check(self.model, self.artifact.path(golden.file), golden.rtol, golden.atol)
+
 
 class Registry:
     def __init__(
@@ -143,6 +149,7 @@ class Registry:
         self.ram: ModuleCache[Loaded] = ModuleCache(config.cache.ram_max_bytes, policy, clock)
         self.trusted = [load_public_key(path) for path in config.trusted_keys]
         self._runtime: TvmRuntime | None = None
+        self.rankings: dict[str, Ranking] = {}  # model name -> its builds in serving order
 
     def open(self) -> None:
         """Open the disk cache."""
@@ -156,15 +163,17 @@ class Registry:
         damaged = []
         with self.lock:
             for name, slot in list(self.state.models.items()):
-                if slot.active not in self.disk.entries:
-                    log.error("model %s: active build %s is gone from the cache", name, slot.active)
-                    continue
-                try:
-                    self.load(slot.active)
-                except DamagedError as err:
-                    damaged.append(err)
-                except BoostError as err:
-                    log.error("model %s: cannot load the active build again: %s", name, err)
+                for digest in slot.builds():
+                    if digest not in self.disk.entries:
+                        log.error("model %s: active build %s is gone from the cache", name, digest)
+                        continue
+                    try:
+                        self.load(digest)
+                    except DamagedError as err:
+                        damaged.append(err)
+                    except BoostError as err:
+                        log.error("model %s: cannot load build %s again: %s", name, digest, err)
+                self.rank(name)
         return damaged
 
     @property
@@ -252,7 +261,55 @@ class Registry:
         if build_id is not None and self.vta is not None:
             self.vta.remove(build_id)
 
+    def manifest(self, digest: str) -> Manifest | None:
+        """The manifest of a cached build (None when it is not in the cache or unreadable)."""
+        path = self.disk.path(digest) / MANIFEST
+        try:
+            return Manifest.from_json(path.read_bytes(), str(path))
+        except (OSError, BoostError):
+            return None
+
+    def engine(self, manifest: Manifest) -> str:
+        """The engine a build runs on here: the CPU, or the VTA accelerator the agent drives."""
+        if not manifest.target.accelerator:
+            return CPU_ENGINE
+        return f"vta-{self.vta.driver.name}" if self.vta is not None else "vta"
+
+    def rank(self, name: str) -> Ranking | None:
+        """Load, golden-test and time every build of model ``name`` (outside the lock, so other
+        models are served meanwhile); the ranking decides which build serves it."""
+        with self.lock:
+            slot = self.state.models.get(name)
+        if slot is None:
+            return None
+        timed = len(slot.builds()) > 1  # a single build has nothing to be compared with
+        measured = [self._measure(digest, timed) for digest in slot.builds()]
+        ranking = Ranking(measured, self.config.prefer)
+        with self.lock:
+            self.rankings[name] = ranking
+        log.info("model %s: %s", name, ranking.describe())
+        return ranking
+
+    def _measure(self, digest: str, timed: bool) -> Measured:
+        manifest = self.manifest(digest)
+        if manifest is None:
+            return Measured(digest, "?", error="not in the cache")
+        engine = self.engine(manifest)
+        try:
+            loaded = self.load(digest)
+            if not timed:
+                return Measured(digest, engine)
+            report = loaded.smoke_test()
+            if not report.passed:
+                return Measured(digest, engine, error=report.describe())
+            feeds = golden_inputs(loaded.artifact.path(manifest.golden.file))
+            latency = median_ms(lambda: loaded.model.run(feeds), budget_s=TIMING_BUDGET_S)
+        except Exception as err:  # a driver or runtime failure: this build cannot serve
+            return Measured(digest, engine, error=f"{type(err).__name__}: {err}")
+        return Measured(digest, engine, latency)
+
     def active(self, name: str) -> Loaded:
+        """The build that serves model ``name``: the first working one of its ranking."""
         with self.lock:
             slot = self.state.models.get(name)
             if slot is None:
@@ -260,9 +317,23 @@ class Registry:
                 raise UnknownModelError(
                     f"no active model {name!r} on this device (active: {known})"
                 )
-            self.disk.lookup(slot.active)
+            ranking = self.rankings.get(name)
             digest = slot.active
+            if ranking is not None:
+                serving = ranking.serving()
+                if serving is None:
+                    raise BoostError(f"model {name}: no build works ({ranking.describe()})")
+                digest = serving.digest
+            self.disk.lookup(digest)
         return self.load(digest)
+
+    def engine_failed(self, name: str, digest: str, reason: str) -> Measured | None:
+        """Take a failing build of ``name`` out of service; returns the build serving instead."""
+        with self.lock:
+            ranking = self.rankings.get(name)
+            if ranking is None:
+                return None
+            return ranking.fail(digest, reason)
 
     def make_room(self, need: int, keep: str) -> None:
         """Evict until ``need`` more bytes fit in the cache budget."""
@@ -296,13 +367,17 @@ class Registry:
             self.on_evict(eviction)
             return eviction
 
-    def _describe(self, slot: ModelSlot) -> dict[str, Any]:
+    def _describe(self, name: str, slot: ModelSlot) -> dict[str, Any]:
         out: dict[str, Any] = {
             "version": slot.version,
             "digest": slot.active,
             "last_good": slot.last_good,
             "loaded": slot.active in self.ram,
+            "variants": slot.variants,
         }
+        ranking = self.rankings.get(name)
+        if ranking is not None:
+            out.update(ranking.to_json())
         loaded = self.ram.peek(slot.active)
         if loaded is not None:
             for kind, specs in (("inputs", loaded.model.inputs), ("outputs", loaded.model.outputs)):
@@ -316,7 +391,8 @@ class Registry:
         with self.lock:
             return {
                 "models": {
-                    name: self._describe(slot) for name, slot in sorted(self.state.models.items())
+                    name: self._describe(name, slot)
+                    for name, slot in sorted(self.state.models.items())
                 },
                 "cache": {
                     "used_bytes": self.disk.used(),

@@ -1,6 +1,7 @@
 """What the device has been told to do, kept across restarts in ``<state_dir>/state.json``:
-the active and last-good version of every model, pins, the outcome of recent deployments (so a
-repeated ``deploy_id`` is answered, not redone) and the birth/death sequence number."""
+the active builds (one per engine) and last-good version of every model, pins, the outcome of
+recent deployments (so a repeated ``deploy_id`` is answered, not redone) and the birth/death
+sequence number."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ class ModelSlot:
     active: str
     version: str
     last_good: str | None = None
+    #: The other builds of this version kept beside ``active``, one per engine (``agent/engines``).
+    variants: list[str] = field(default_factory=list)
+
+    def builds(self) -> list[str]:
+        """Every build of the active version: ``active`` first, then the variants."""
+        return [self.active, *self.variants]
 
 
 @dataclass
@@ -73,10 +80,10 @@ class DeviceState:
         )
 
     def protected(self) -> set[str]:
-        """Digests no cache tier may evict: pins, and every model's active and last-good."""
+        """Digests no cache tier may evict: pins, and every model's builds and last-good."""
         out = set(self.pins)
         for slot in self.models.values():
-            out.add(slot.active)
+            out.update(slot.builds())
             if slot.last_good:
                 out.add(slot.last_good)
         return out

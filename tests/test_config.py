@@ -78,8 +78,8 @@ def test_values_and_relative_paths(tmp_path: Path) -> None:
             "[agent]\nzzz = 5\n",
             "deploy.toml: [agent] zzz: unknown key; known keys: allowed_hosts, "
             "backends, cache, device_id, fpga_root, groups, local_api, max_command_bytes, "
-            "metrics_interval_s, mqtt, serial_baud, serial_ports, state_dir, step_timeout_s, "
-            "trusted_keys",
+            "metrics_interval_s, mqtt, prefer, serial_baud, serial_ports, state_dir, "
+            "step_timeout_s, trusted_keys",
         ),
         ("[agnet]\n", 'deploy.toml: [agnet]: unknown section; did you mean "agent"?'),
         (

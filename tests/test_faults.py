@@ -446,4 +446,9 @@ def test_damaged_cache_entries_are_quarantined_and_downloaded_again(
     assert sorted(p.name.split("-")[0] for p in jail.iterdir()) == sorted([v1, v2])
     assert assert_cache_consistent(agent.state_dir, keys[1]) == 2
     state = json.loads((agent.state_dir / "state.json").read_text())
-    assert state["models"]["tiny_cnn"] == {"active": v1, "version": "1", "last_good": v2}
+    assert state["models"]["tiny_cnn"] == {
+        "active": v1,
+        "version": "1",
+        "last_good": v2,
+        "variants": [],
+    }

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,24 +72,6 @@ def start_app(
     return app, stop
 
 
-def metrics_until(
-    watcher: Watcher, model: str, done: Callable[[dict[str, Any]], bool], timeout_s: float
-) -> list[dict[str, Any]]:
-    """The agent's metrics of ``model``, report after report, until ``done`` holds for one."""
-    deadline = time.monotonic() + timeout_s
-    seen: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        seen = [
-            p["models"][model]
-            for t, p, _ in list(watcher.messages)
-            if t.endswith("/metrics") and model in p.get("models", {})
-        ]
-        if any(map(done, seen)):
-            return seen
-        time.sleep(0.5)
-    raise AssertionError(seen)
-
-
 def finish(app: subprocess.Popen[bytes], stop: Path) -> dict[str, Any]:
     stop.touch()
     out, err = app.communicate(timeout=60)
@@ -118,9 +99,9 @@ def test_an_unmodified_script_moves_to_the_build_only_when_it_is_faster(
     onnx = zoo_model(model)
     app, stop = start_app(tmp_path, agent, onnx)
     try:
-        seen = metrics_until(watcher, model, lambda m: "choice" in m, 240)
+        seen = watcher.metrics_until(model, lambda m: "choice" in m, 240)
         if engine == "tvm":  # and then the script runs on the build alone
-            metrics_until(watcher, model, lambda m: set(m.get("engines", {})) == {"tvm"}, 30)
+            watcher.metrics_until(model, lambda m: set(m.get("engines", {})) == {"tvm"}, 30)
     finally:
         result = finish(app, stop)
     choice = seen[-1]["choice"]

@@ -288,6 +288,24 @@ class Watcher:
             after,
         )
 
+    def metrics_until(
+        self, model: str, done: Callable[[dict[str, Any]], bool], timeout_s: float
+    ) -> list[dict[str, Any]]:
+        """The agents' metrics of ``model``, report after report, until ``done`` holds for one."""
+        deadline = time.monotonic() + timeout_s
+        seen: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            with self._cond:
+                seen = [
+                    p["models"][model]
+                    for t, p, _ in self.messages
+                    if t.endswith("/metrics") and model in p.get("models", {})
+                ]
+            if any(map(done, seen)):
+                return seen
+            time.sleep(0.5)
+        raise AssertionError(seen)
+
     def events(self, request_id: str) -> list[dict[str, Any]]:
         with self._cond:
             return [
