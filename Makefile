@@ -8,7 +8,7 @@ APT_PACKAGES := g++ g++-aarch64-linux-gnu g++-arm-linux-gnueabihf gcc-arm-none-e
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := .boost/demo
 
-.PHONY: setup demo test test-default test-slow lint clean
+.PHONY: setup demo test test-default test-slow bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ test-default: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+# Every benchmark figure, side by side: results.json, one PNG per figure and summary.md.
+bench: setup
+	$(BIN)/python -m tests.bench_suite --out .boost/bench
 
 lint: setup
 	$(BIN)/ruff check agent vta models tests

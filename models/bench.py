@@ -1,101 +1,170 @@
-"""Build figures: compile time and artifact size per zoo model and target, and the x86 build's
-latency against ONNX Runtime on the same input and thread count (medians, measured side by side).
+"""``boost-build bench MODEL``: one model on every engine this machine has, side by side.
 
-    python -m models.bench [--models tiny_cnn,resnet18] [--targets x86_64,aarch64] [--threads 2]
-                           [--tune-trials N] [--json OUT.json]
-
-Set TVM_NUM_THREADS to the same value as --threads so both engines use equal threads.
+Engines: ``tvm``, the build ``boost-build compile`` makes for this CPU (tuning records for it
+applied; with ``--tune-trials N`` tuned first); ``tvm-untuned``, the same build without records
+(shown when the first had some); ``onnxruntime``; and with ``--target vta`` the VTA build with its
+layers on the simulator (``vta-sim``). Every engine runs the same input with the same threads
+(``TVM_NUM_THREADS`` and ONNX Runtime's ``intra_op_num_threads``), in a fresh process per thread
+count, the engines' runs interleaved round by round; latencies are percentiles over the runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import tempfile
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from agent.artifact import generate_keypair, load_public_key, open_artifact
-from agent.runtime import TvmRuntime
-from models import zoo
+from agent.errors import BoostError
 from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
 
-
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+TVM, UNTUNED, ORT, VTA_SIM = "tvm", "tvm-untuned", "onnxruntime", "vta-sim"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", default="tiny_cnn,digits_cnn,resnet18,mobilenetv2")
-    parser.add_argument("--targets", default="x86_64,aarch64,armv7")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tune-trials", type=int, default=0)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        key = work / "k.key"
-        public = load_public_key(generate_keypair(key))
-        runtime = TvmRuntime()
-        for name in args.models.split(","):
-            model = zoo.get(name)
-            onnx_path = work / f"{name}.onnx"
-            model.save(str(onnx_path))
-            for target in args.targets.split(","):
-                trials = args.tune_trials if target == "x86_64" else 0
-                request = CompileRequest(
-                    model=onnx_path,
-                    target=target,
-                    trials=trials,
-                    output=work / f"{name}-{target}.boost",
-                )
-                result = compile_model(request, work / "tuning", key, "bench", Progress(False))
-                row: dict[str, Any] = {
-                    "model": name,
-                    "target": target,
-                    "tune_trials": trials,
-                    "compile_s": round(result.seconds, 2),
-                    "artifact_mb": round(result.artifact.stat().st_size / 1e6, 3),
-                }
-                if target == "x86_64":
-                    verified = open_artifact(result.artifact, [public], work / f"{name}-x")
-                    m = verified.manifest
-                    loaded = runtime.load(verified.path(m.library), m.inputs, m.outputs)
-                    feeds = {"input": model.sample_inputs["input"][:1]}
-                    options = ort.SessionOptions()
-                    options.intra_op_num_threads = args.threads
-                    options.inter_op_num_threads = 1
-                    session = ort.InferenceSession(model.model.SerializeToString(), options)
-                    tvm_ms = median_ms(lambda: loaded.run(feeds), args.repeats)  # noqa: B023
-                    ort_ms = median_ms(lambda: session.run(None, feeds), args.repeats)  # noqa: B023
-                    got, want = loaded.run(feeds)[0], session.run(None, feeds)[0]
-                    row.update(
-                        tvm_ms=round(tvm_ms, 3),
-                        ort_ms=round(ort_ms, 3),
-                        tvm_over_ort=round(tvm_ms / ort_ms, 2),
-                        max_abs_diff=float(np.abs(got - want).max()),
-                    )
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+@dataclass(frozen=True)
+class Latency:
+    engine: str
+    threads: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    runs: int
+
+
+def build_engines(
+    model: Path,
+    target: str,
+    work: Path,
+    tuning_db: Path,
+    signing_key: Path,
+    trials: int = 0,
+    inputs: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, Path], int]:
+    """The artifacts to compare, by engine, and the tuning records the ``tvm`` build applied."""
+    progress = progress or Progress(False)
+    builds: dict[str, Path] = {}
+    if target not in ("x86_64", "vta"):
+        raise BoostError(f"bench runs on this machine: --target x86_64 or vta, not {target!r}")
+
+    def compile_for(engine: str, request: CompileRequest, db: Path) -> int:
+        result = compile_model(request, db, signing_key, "bench", progress)
+        builds[engine] = result.artifact
+        return result.tuning_records
+
+    cpu = CompileRequest(model=model, target="x86_64", trials=trials, output=work / "tvm.boost")
+    records = compile_for(TVM, cpu, tuning_db)
+    if records:
+        plain = CompileRequest(model=model, target="x86_64", output=work / "untuned.boost")
+        compile_for(UNTUNED, plain, work / "no-tuning")
+    if target == "vta":
+        vta = CompileRequest(
+            model=model, target="vta", board="sim", inputs=inputs, output=work / "vta.boost"
+        )
+        compile_for(VTA_SIM, vta, tuning_db)
+    return builds, records
+
+
+def measure(
+    builds: dict[str, Path], model: Path, public_key: Path, threads: int, runs: int, work: Path
+) -> list[Latency]:
+    """Time every build and ONNX Runtime in a child process with ``threads`` threads."""
+    spec = {
+        "builds": {engine: str(path) for engine, path in builds.items()},
+        "model": str(model),
+        "public_key": str(public_key),
+        "threads": threads,
+        "runs": runs,
+        "work": str(work / f"unpacked-{threads}"),
+    }
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(
+        [sys.executable, "-m", "models.bench", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BoostError(f"the timing process failed: {done.stderr.strip()[-2000:]}")
+    return [Latency(**row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def _time_engines(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The child's side of ``measure``: load everything, then time the engines in rounds."""
+    import onnxruntime as ort
+
+    from agent.artifact import load_public_key, open_artifact
+    from agent.runtime import TvmRuntime
+    from vta.bundle import INDEX
+
+    trusted = [load_public_key(Path(spec["public_key"]))]
+    runtime = TvmRuntime()
+    runners: dict[str, Any] = {}
+    feeds: dict[str, np.ndarray] = {}
+    for engine, path in spec["builds"].items():
+        verified = open_artifact(Path(path), trusted, Path(spec["work"]) / engine)
+        manifest = verified.manifest
+        if manifest.target.accelerator:
+            _simulated_vta(verified.path(INDEX).parent)
+        loaded = runtime.load(verified.path(manifest.library), manifest.inputs, manifest.outputs)
+        runners[engine] = loaded.run
+        if not feeds:
+            rng = np.random.default_rng(0)
+            feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in manifest.inputs}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(spec["model"], options, providers=["CPUExecutionProvider"])
+    runners[ORT] = lambda f: session.run(None, f)
+    samples: dict[str, list[float]] = {engine: [] for engine in runners}
+    for run in runners.values():
+        run(feeds)  # warm-up
+    for round_ in range(spec["runs"]):
+        order = list(runners)
+        order = order[round_ % len(order) :] + order[: round_ % len(order)]
+        for engine in order:
+            start = time.perf_counter()
+            runners[engine](feeds)
+            samples[engine].append((time.perf_counter() - start) * 1e3)
+    out = []
+    for engine, s in samples.items():
+        p50, p90, p99 = (round(float(np.percentile(s, q)), 4) for q in (50, 90, 99))
+        out.append(asdict(Latency(engine, spec["threads"], p50, p90, p99, len(s))))
+    return out
+
+
+def _simulated_vta(root: Path) -> None:
+    """Register the simulator as ``boost.vta.layer`` with the build's layers on it."""
+    from vta.bundle import Bundle
+    from vta.drivers.sim import SimDriver
+    from vta.engine import VtaEngine, register
+
+    bundle = Bundle.load(root)
+    engine = VtaEngine(SimDriver(bundle.config, hls=True))
+    register(engine)
+    engine.add(bundle)
+
+
+def table(latencies: list[Latency]) -> str:
+    """The comparison as text: one line per engine and thread count, with the ratio to ORT."""
+    ort_p50 = {lat.threads: lat.p50_ms for lat in latencies if lat.engine == ORT}
+    lines = [f"{'engine':<14}{'threads':>8}{'p50 ms':>11}{'p90 ms':>11}{'p99 ms':>11}{'/ ORT':>8}"]
+    for lat in latencies:
+        ratio = lat.p50_ms / ort_p50[lat.threads]
+        lines.append(
+            f"{lat.engine:<14}{lat.threads:>8}{lat.p50_ms:>11.3f}{lat.p90_ms:>11.3f}"
+            f"{lat.p99_ms:>11.3f}{ratio:>7.2f}x"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(_time_engines(json.loads(sys.argv[1]))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import signal
@@ -27,7 +28,7 @@ from agent.artifact import (
 from agent.config import Config
 from agent.errors import BoostError
 from agent.retry import until_deadline
-from models import targets, zoo
+from models import bench, targets, zoo
 from models.broker import LocalBroker
 from models.compiler import CompileRequest, compile_model, golden_inputs
 from models.fleet import Fleet, decode_outputs
@@ -354,6 +355,35 @@ def cmd_zoo_export(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+    threads = [int(t) for t in args.threads.split(",")]
+    with tempfile.TemporaryDirectory(prefix="boost-bench-") as tmp:
+        work = Path(tmp)
+        key = work / "bench.key"
+        public = generate_keypair(key)  # the builds are compared here, never deployed
+        builds, records = bench.build_engines(
+            args.model,
+            args.target,
+            work,
+            config.build.tuning_db,
+            key,
+            args.tune_trials,
+            args.inputs,
+            Progress(),
+        )
+        latencies = [
+            lat
+            for n in threads
+            for lat in bench.measure(builds, args.model, public, n, args.runs, work)
+        ]
+    print(f"{args.model.name}: {records} tuning records applied to the tvm build, {args.runs} runs")
+    print(bench.table(latencies))
+    if args.json:
+        rows = [dataclasses.asdict(lat) for lat in latencies]
+        args.json.write_text(json.dumps({"tuning_records": records, "latency": rows}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = cliutil.common_parser("boost-build", "MLInferBooster build host")
     sub = parser.add_subparsers(metavar="COMMAND")
@@ -393,6 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
         "devices program it when they lack it (default: --board, when it is an FPGA board)",
     )
     p.set_defaults(handler=cmd_compile)
+
+    p = sub.add_parser("bench", help="compare a model's latency on every engine of this machine")
+    p.add_argument("model", type=Path)
+    p.add_argument(
+        "--target",
+        default="x86_64",
+        choices=["x86_64", "vta"],
+        help="vta adds the VTA build on the simulator (needs --inputs for calibration)",
+    )
+    p.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default: 1,2)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per engine (default: 50)")
+    p.add_argument(
+        "--tune-trials", type=int, default=0, metavar="N", help="tune the tvm build first"
+    )
+    p.add_argument("--inputs", type=Path, help=".npz of input batches (calibration for vta)")
+    p.add_argument("--json", type=Path, help="also write the figures to this file")
+    p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("bitstream", help="FPGA bitstreams: the catalog and the store")
     bsub = p.add_subparsers(metavar="ACTION", required=True)

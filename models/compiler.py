@@ -173,7 +173,9 @@ def compile_model(
         calibration = vta_build.read_calibration(specs, request.calibration or request.inputs)
     target_dict = spec.tvm_dict()
     tuning = TuningDatabase(tuning_db)
-    tuning_key = TuningKey(digest, target_dict, tvm_backend.version())
+    # A VTA build tunes the CPU part of another module than the float model's: its own key.
+    keyed = {**target_dict, "accelerator": spec.accelerator} if spec.accelerator else target_dict
+    tuning_key = TuningKey(digest, keyed, tvm_backend.version())
     existing = tuning.record_count(tuning_key)
     tuning_dir = tuning.prepare(tuning_key) if request.trials or existing else None
 

@@ -220,6 +220,9 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 class StoreServer(ThreadingHTTPServer):
     daemon_threads = True
+    #: The listen backlog: a fleet downloads at once (socketserver's default of 5 drops the
+    #: connections beyond it, and their clients retry a second later).
+    request_queue_size = 1024
 
     def __init__(self, store: ArtifactStore, host: str, port: int) -> None:
         self.store = store

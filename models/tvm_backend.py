@@ -95,11 +95,14 @@ def optimize(
         if tuning_dir is None:
             return relax.get_pipeline("zero")(mod)
         tuning_dir.mkdir(parents=True, exist_ok=True)
+        # Weight prepacking: the tuned kernels read the weights in the layout they chose, and
+        # the layout transform of the (constant) weights is folded away at build time.
         pipeline = relax.get_pipeline(
             "static_shape_tuning",
             total_trials=trials,
             target=tvm_target,
             work_dir=str(tuning_dir),
+            cpu_weight_prepack=True,
             max_trials_per_task=max(1, trials // 8) if trials else None,
         )
         stop = threading.Event()

@@ -1,25 +1,27 @@
-"""Agent figures: start → birth, idle RSS, deploy command → active (cold, ~10 MB artifact) and
-re-activation from the cache. Real Mosquitto, a real agent process, the store over HTTP.
-
-    .venv/bin/python -m tests.bench_agent [--repeats N]
-
-Prints medians over the repeats; nothing here is asserted (figures, not tests).
-"""
+"""Agent figure (``tests/bench_suite.py --only agent``): deploy command → active (cold, a 16 MB
+artifact) and re-activation from the cache, start → birth, idle RSS, and an inference's round trip
+over MQTT against a direct call of the same build. Real Mosquitto, a real agent process, the store
+over HTTP."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from agent.artifact import generate_keypair, read_manifest
+from agent.artifact import generate_keypair, load_public_key, open_artifact, read_manifest
+from agent.config import BuildConfig, MqttConfig
+from agent.engines import median_ms
 from agent.protocol import deploy_command
+from agent.runtime import TvmRuntime
 from models import zoo
 from models.broker import LocalBroker, free_port
 from models.compiler import CompileRequest, compile_model
+from models.fleet import Fleet
 from models.progress import Progress
+from tests.support.figures import Figure
 from tests.support.fleet import AgentProcess, CountingStore, Watcher
 
 MODEL = "mobilenetv2"
@@ -46,16 +48,15 @@ def timed_deploy(watcher: Watcher, store: CountingStore, artifact: Path) -> tupl
     return seconds, path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def measure(model_name: str, repeats: int) -> dict[str, Any]:
+    """Medians over ``repeats`` agent processes of every agent figure."""
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp_name:
         tmp = Path(tmp_name)
         key = tmp / "build.key"
         public = generate_keypair(key)
-        model_path = tmp / f"{MODEL}.onnx"
-        zoo.get(MODEL).save(str(model_path))
+        model_path = tmp / f"{model_name}.onnx"
+        model = zoo.get(model_name)
+        model.save(str(model_path))
         artifacts = []
         for version in ("1", "2"):
             request = CompileRequest(
@@ -64,48 +65,88 @@ def main() -> None:
             artifacts.append(
                 compile_model(request, tmp / "tuning", key, "bench", Progress(False)).artifact
             )
-        size_mb = artifacts[0].stat().st_size / 1e6
-        births, idle, loaded, cold, warm = [], [], [], [], []
+        verified = open_artifact(artifacts[0], [load_public_key(public)], tmp / "direct")
+        manifest = verified.manifest
+        direct = TvmRuntime().load(
+            verified.path(manifest.library), manifest.inputs, manifest.outputs
+        )
+        feeds = {spec.name: model.sample_inputs[spec.name][:1] for spec in manifest.inputs}
+        figures: dict[str, list[float]] = {
+            k: [] for k in ("birth_s", "idle_mb", "loaded_mb", "cold_s", "warm_s", "mqtt_ms")
+        }
         paths: dict[str, str] = {}
         with LocalBroker(free_port(), tmp / "broker") as broker:
             store = CountingStore(tmp / "store")
             store.start_background()
             watcher = Watcher(broker.url)
-            for run in range(args.repeats):
+            fleet = Fleet(BuildConfig(mqtt=MqttConfig(url=broker.url)))
+            for run in range(repeats):
                 agent = AgentProcess(tmp / f"agent{run}", "bench", broker.url, store.url, public)
                 mark = watcher.mark()
                 start = time.perf_counter()
                 agent.start()
                 watcher.state("bench", True, mark)
-                births.append(time.perf_counter() - start)
+                figures["birth_s"].append(time.perf_counter() - start)
                 assert agent.process is not None
                 time.sleep(1.0)
-                idle.append(rss_mb(agent.process.pid))
+                figures["idle_mb"].append(rss_mb(agent.process.pid))
                 seconds, paths["cold"] = timed_deploy(watcher, store, artifacts[0])
-                cold.append(seconds)
+                figures["cold_s"].append(seconds)
                 time.sleep(1.0)
-                loaded.append(rss_mb(agent.process.pid))
+                figures["loaded_mb"].append(rss_mb(agent.process.pid))
+                fleet.infer("bench", model_name, feeds, 60)  # warm-up
+                figures["mqtt_ms"].append(
+                    median_ms(lambda: fleet.infer("bench", model_name, feeds, 60), runs=10)
+                )
                 timed_deploy(watcher, store, artifacts[1])
                 seconds, paths["re-activation"] = timed_deploy(watcher, store, artifacts[0])
-                warm.append(seconds)
+                figures["warm_s"].append(seconds)
                 agent.stop()
+            fleet.close()
             watcher.close()
             store.shutdown()
             store.server_close()
-
-    def med(values: list[float]) -> str:
-        return f"{statistics.median(values):8.3f}"
-
-    ratio = statistics.median(cold) / statistics.median(warm)
-    print(f"agent figures, median of {args.repeats} runs ({MODEL} artifact, {size_mb:.1f} MB)")
-    print(f"  start -> birth (retained online state seen)  {med(births)} s")
-    print(f"  idle RSS, no model loaded                     {med(idle)} MB")
-    print(f"  RSS with the model active                     {med(loaded)} MB")
-    print(f"  deploy command -> active, cold                {med(cold)} s  ({paths['cold']})")
-    print(f"  re-activation of the last-good build          {med(warm)} s  ", end="")
-    print(f"({paths['re-activation']})")
-    print(f"  cold / re-activation                          {ratio:8.1f}x")
+        local_ms = median_ms(lambda: direct.run(feeds))
+        artifact_mb = artifacts[0].stat().st_size / 1e6
+    out: dict[str, Any] = {k: statistics.median(v) for k, v in figures.items()}
+    out.update(
+        model=model_name,
+        artifact_mb=artifact_mb,
+        local_ms=local_ms,
+        paths=paths,
+    )
+    return out
 
 
-if __name__ == "__main__":
-    main()
+def figure(quick: bool) -> Figure:
+    model_name, repeats = ("tiny_cnn", 1) if quick else (MODEL, 3)
+    m = measure(model_name, repeats)
+    fig = Figure(
+        "agent",
+        f"Agent: deployment, start, memory and inference ({m['model']}, "
+        f"{m['artifact_mb']:.1f} MB artifact)",
+        ["figure", "value", "unit", "compared with", "ratio"],
+    )
+    cold, warm, idle, loaded = m["cold_s"], m["warm_s"], m["idle_mb"], m["loaded_mb"]
+    fig.rows = [
+        ["deploy command -> active, cold", cold, "s", "", ""],
+        ["re-activation from the cache", warm, "s", "cold deploy", warm / cold],
+        ["start -> birth", m["birth_s"], "s", "", ""],
+        ["idle RSS, before any model (runtime not loaded)", idle, "MB", "", ""],
+        ["idle RSS, runtime and model loaded", loaded, "MB", "before any model", loaded / idle],
+        ["inference round trip over MQTT", m["mqtt_ms"], "ms", "direct call",
+         m["mqtt_ms"] / m["local_ms"]],
+        ["inference, direct call of the build", m["local_ms"], "ms", "", ""],
+    ]  # fmt: skip
+    fig.notes += [
+        f"medians of {repeats} agent processes; real Mosquitto, the store over HTTP",
+        f"cold: {m['paths']['cold']}; re-activation: {m['paths']['re-activation']}",
+    ]
+
+    def plot(ax: Any) -> None:
+        labels = ["cold deploy (s)", "re-activation (s)", "start -> birth (s)"]
+        ax.bar(labels, [m["cold_s"], m["warm_s"], m["birth_s"]])
+        ax.set_ylabel("seconds")
+
+    fig.plot = plot
+    return fig

@@ -57,7 +57,8 @@ def build(conv: Conv3x3, seed: int) -> tuple[SimDriver, bytes, np.ndarray, np.nd
     return driver, isa.encode_program(insns, cfg), x, w
 
 
-def main() -> None:
+def measure() -> dict[str, float]:
+    """The layer's GOP and the seconds of each engine (medians)."""
     cfg = VtaConfig()
     layer = Conv3x3(cfg, 56, 56, 64, 64)
     driver, program, x, w = build(layer, seed=0)
@@ -81,13 +82,30 @@ def main() -> None:
     reference.run(insns)
     ref_s = time.perf_counter() - start
 
-    print(f"layer 56x56x64->64 3x3 int8: {ops / 1e9:.3f} GOP, {len(program) // 16} instructions")
+    return {
+        "gop": ops / 1e9,
+        "instructions": len(program) // 16,
+        "blas_s": blas_s,
+        "cold_s": cold_s,
+        "sim_s": sim_s,
+        "tile_rows": layer.tile_rows(),
+        "tile_gop": tile_ops / 1e9,
+        "tile_sim_s": tile_sim_s,
+        "ref_s": ref_s,
+    }
+
+
+def main() -> None:
+    m = measure()
+    ops, blas_s, cold_s, sim_s = m["gop"] * 1e9, m["blas_s"], m["cold_s"], m["sim_s"]
+    tile_ops, tile_sim_s, ref_s = m["tile_gop"] * 1e9, m["tile_sim_s"], m["ref_s"]
+    print(f"layer 56x56x64->64 3x3 int8: {m['gop']:.3f} GOP, {m['instructions']} instructions")
     print(f"{'engine':<42}{'time':>12}{'GOP/s':>10}")
     rows = [
         ("numpy/BLAS im2col (the limit)", blas_s, ops),
         ("simulator, first run (plans the stream)", cold_s, ops),
         ("simulator, steady state", sim_s, ops),
-        (f"one tile ({layer.tile_rows()} rows): simulator", tile_sim_s, tile_ops),
+        (f"one tile ({m['tile_rows']} rows): simulator", tile_sim_s, tile_ops),
         ("one tile: scalar reference interpreter", ref_s, tile_ops),
     ]
     for name, seconds, count in rows:

@@ -13,18 +13,21 @@ from __future__ import annotations
 import argparse
 import tarfile
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from agent.artifact import Manifest, generate_keypair, read_manifest
-from agent.runtime import TvmRuntime
+from agent.runtime import LoadedModel, TvmRuntime
 from models import zoo
 from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
+from tests import bench_vta
 from tests.bench_vta import median_s
+from tests.support.figures import Figure
 from vta.bundle import Bundle
 from vta.drivers.sim import SimDriver
 from vta.engine import LayerRunner, VtaEngine, register
@@ -64,46 +67,97 @@ def table_row(label: str, row: list[int]) -> str:
     return f"{label:<36}{row[0]:>7}{row[1]:>7}{kb}"
 
 
+@dataclass
+class Builds:
+    """A zoo model built for this CPU and for VTA (layers on the HLS-mode simulator), loaded."""
+
+    source: zoo.ZooModel
+    bundle: Bundle
+    engine: VtaEngine
+    vta_manifest: Manifest
+    models: dict[str, LoadedModel]
+
+    def median_s(self, repeats: int) -> dict[str, float]:
+        """Median seconds per inference of each build, on the model's first sample."""
+        name = self.vta_manifest.inputs[0].name
+        feeds = {name: self.source.sample_inputs[name][:1]}
+        return {t: median_s(lambda m=m: m.run(feeds), repeats) for t, m in self.models.items()}
+
+
+def build_both(model: str, work: Path) -> Builds:
+    source = zoo.get(model)
+    key = work / "build.key"
+    generate_keypair(key)
+    onnx_path, npz = work / "model.onnx", work / "model.npz"
+    source.save(str(onnx_path))
+    source.save_inputs(str(npz))
+    loaded: dict[str, tuple[Manifest, Path]] = {}
+    runtime = TvmRuntime()
+    for target in ("x86_64", "vta"):
+        request = CompileRequest(
+            model=onnx_path,
+            target=target,
+            output=work / f"{target}.boost",
+            inputs=npz,
+            calibration=npz if target == "vta" else None,
+        )
+        result = compile_model(request, work / "tuning", key, "bench", Progress(False))
+        loaded[target] = (unpack(result.artifact, work / target), work / target)
+    # As on a device: the engine handles boost.vta.layer before any module is loaded (a
+    # module binds the function it finds when it loads).
+    bundle = Bundle.load(work / "vta")
+    engine = VtaEngine(SimDriver(bundle.config, hls=True))
+    register(engine)
+    engine.add(bundle)
+    models = {
+        target: runtime.load(root / manifest.library, manifest.inputs, manifest.outputs)
+        for target, (manifest, root) in loaded.items()
+    }
+    return Builds(source, bundle, engine, loaded["vta"][0], models)
+
+
+def figure(quick: bool) -> Figure:
+    model = "tiny_cnn" if quick else "resnet18"
+    with tempfile.TemporaryDirectory(prefix="bench-vta-") as tmp:
+        builds = build_both(model, Path(tmp))
+        times = builds.median_s(3 if quick else 10)
+        builds.engine.close()
+    layer = bench_vta.measure()
+    cpu_s, vta_s = times["x86_64"], times["vta"]
+    fig = Figure(
+        "vta",
+        "VTA simulator vs the TVM CPU build, and simulator GOP/s vs BLAS",
+        ["what", "VTA simulator", "baseline", "baseline is", "simulator / baseline"],
+    )
+    fig.rows = [
+        [f"{model}: ms per inference", vta_s * 1e3, cpu_s * 1e3, "TVM CPU build (untuned)",
+         vta_s / cpu_s],
+        ["3x3 conv 56x56 64->64 int8: GOP/s", layer["gop"] / layer["sim_s"],
+         layer["gop"] / layer["blas_s"], "numpy/BLAS im2col (the limit)",
+         layer["sim_s"] / layer["blas_s"]],
+    ]  # fmt: skip
+    fig.notes.append(
+        "the VTA build runs its int8 conv/dense layers on the simulator (HLS mode) and the rest on "
+        "this CPU; the layer row is one ResNet-18 layer lowered the way the original VTA flow did"
+    )
+
+    def plot(ax: Any) -> None:
+        ax.bar(["VTA simulator", "TVM CPU build"], [vta_s * 1e3, cpu_s * 1e3])
+        ax.set_ylabel(f"{model}: ms per inference")
+
+    fig.plot = plot
+    return fig
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet18", choices=list(zoo.ZOO))
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    source = zoo.get(args.model)
     with tempfile.TemporaryDirectory(prefix="bench-vta-") as tmp:
-        work = Path(tmp)
-        key = work / "build.key"
-        generate_keypair(key)
-        onnx_path, npz = work / "model.onnx", work / "model.npz"
-        source.save(str(onnx_path))
-        source.save_inputs(str(npz))
-        loaded: dict[str, tuple[Manifest, Path]] = {}
-        runtime = TvmRuntime()
-        for target in ("x86_64", "vta"):
-            request = CompileRequest(
-                model=onnx_path,
-                target=target,
-                output=work / f"{target}.boost",
-                inputs=npz,
-                calibration=npz if target == "vta" else None,
-            )
-            start = time.perf_counter()
-            result = compile_model(request, work / "tuning", key, "bench", Progress(False))
-            print(f"compiled {args.model} for {target} in {time.perf_counter() - start:.1f} s")
-            loaded[target] = (unpack(result.artifact, work / target), work / target)
-        # As on a device: the engine handles boost.vta.layer before any module is loaded (a
-        # module binds the function it finds when it loads).
-        bundle = Bundle.load(work / "vta")
-        engine = VtaEngine(SimDriver(bundle.config, hls=True))
-        register(engine)
-        engine.add(bundle)
-        models = {
-            target: runtime.load(root / manifest.library, manifest.inputs, manifest.outputs)
-            for target, (manifest, root) in loaded.items()
-        }
-        name = loaded["x86_64"][0].inputs[0].name
-        feeds = {name: source.sample_inputs[name][:1]}
-        times = {t: median_s(lambda m=m: m.run(feeds), args.repeats) for t, m in models.items()}
+        builds = build_both(args.model, Path(tmp))
+        bundle, engine, source = builds.bundle, builds.engine, builds.source
+        times = builds.median_s(args.repeats)
         cpu_s, vta_s = times["x86_64"], times["vta"]
         print(f"\n{'build':<34}{'ms/inference':>14}")
         print(f"{'TVM CPU build (x86_64, untuned)':<34}{cpu_s * 1e3:>14.1f}")
@@ -139,7 +193,7 @@ def main() -> None:
         everything = model_macs(source.model)
         print(f"\nMACs on VTA: {vta_macs / 1e6:.1f} M of {everything / 1e6:.1f} M "
               f"({100 * vta_macs / everything:.1f}%)")  # fmt: skip
-        quant = loaded["vta"][0].quantization
+        quant = builds.vta_manifest.quantization
         assert quant is not None
         print("accuracy vs float:", quant["accuracy"])
         engine.close()

@@ -1,0 +1,138 @@
+"""The benchmark suite: every figure of the project, measured side by side in one run.
+
+    make bench      # = .venv/bin/python -m tests.bench_suite --out .boost/bench
+
+writes ``results.json`` (every measurement), one PNG per figure and ``summary.md`` (the tables).
+Each figure is a ratio of two things measured in the same run, medians over repeated runs (these
+machines are noisy); nothing is asserted. ``--only cpu,cache`` runs some figures; ``--quick``
+runs each with small sizes (what the test suite checks).
+
+Figures:
+
+- ``cpu``: TVM build (what ``boost-build compile`` makes by default) against ONNX Runtime, on the
+  zoo's ResNet-18- and MobileNetV2-shaped models, 1 and 2 threads (``boost-build bench``).
+- ``vta``: the VTA simulator's time per inference against the TVM CPU build of the same model, and
+  the simulator's GOP/s against numpy/BLAS on the same layer.
+- ``agent``: deploy command to active (cold, and re-activation from the cache), start to birth,
+  idle RSS, inference round trip over MQTT against a direct call of the same build.
+- ``fleet``: N simulated devices in a few processes on one Mosquitto: deploy to all, time until
+  all are active, and the broker's message rate.
+- ``cache``: hit ratio of the agent's LFU-with-aging policy against LRU and the optimal (Belady)
+  policy on a Zipf-like trace whose popularity drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.artifact import generate_keypair
+from agent.config import load_config
+from models import bench, zoo
+from tests import bench_agent, bench_cache, bench_fleet, bench_vta_model
+from tests.support.figures import Figure
+
+
+def cpu_figure(quick: bool) -> Figure:
+    names = ["tiny_cnn"] if quick else ["resnet18", "mobilenetv2"]
+    figure = Figure(
+        "cpu",
+        "CPU latency: TVM build vs ONNX Runtime (ms, median)",
+        ["model", "threads", "TVM ms", "ORT ms", "TVM / ORT", "tuning records"],
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
+        work = Path(tmp)
+        key = work / "bench.key"
+        public = generate_keypair(key)
+        for name in names:
+            model = work / f"{name}.onnx"
+            zoo.get(name).save(str(model))
+            builds, records = bench.build_engines(
+                model, "x86_64", work / name, load_config(None).build.tuning_db, key
+            )
+            for threads in (1, 2):
+                times = {
+                    lat.engine: lat.p50_ms
+                    for lat in bench.measure(
+                        builds, model, public, threads, 5 if quick else 30, work / name
+                    )
+                }
+                tvm, ort = times[bench.TVM], times[bench.ORT]
+                figure.rows.append([name, threads, tvm, ort, tvm / ort, records])
+    figure.notes.append(
+        "same input, same thread count (TVM_NUM_THREADS, ORT intra_op_num_threads), the runs of "
+        "both engines interleaved; the build applies the tuning database of this CPU when it "
+        "holds records for the model"
+    )
+
+    def plot(ax: Any) -> None:
+        labels = [f"{r[0]}\n{r[1]} thr" for r in figure.rows]
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], [r[2] for r in figure.rows], 0.4, label="TVM build")
+        ax.bar([x + 0.2 for x in xs], [r[3] for r in figure.rows], 0.4, label="ONNX Runtime")
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel("ms per inference")
+        ax.set_yscale("log")
+        ax.legend()
+
+    figure.plot = plot
+    return figure
+
+
+FIGURES: dict[str, Callable[[bool], Figure]] = {
+    "cpu": cpu_figure,
+    "vta": bench_vta_model.figure,
+    "agent": bench_agent.figure,
+    "fleet": bench_fleet.figure,
+    "cache": bench_cache.figure,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(".boost/bench"))
+    parser.add_argument("--only", help=f"comma-separated figures (default: all of {list(FIGURES)})")
+    parser.add_argument("--quick", action="store_true", help="small sizes (for the tests)")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(FIGURES)
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        parser.error(f"unknown figures {unknown}; known: {', '.join(FIGURES)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    command = "python -m tests.bench_suite " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict[str, Any] = {"command": command.strip(), "figures": {}}
+    summary = [f"# Benchmark summary\n\n`{command.strip()}`\n"]
+    for name in names:
+        start = time.monotonic()
+        print(f"figure {name} ...", flush=True)
+        figure = FIGURES[name](args.quick)
+        figure.notes.append(f"measured in {time.monotonic() - start:.0f} s")
+        results["figures"][name] = figure.to_json()
+        summary.append(figure.markdown())
+        print(figure.markdown(), flush=True)
+        if figure.plot is not None:
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            figure.plot(ax)
+            ax.set_title(figure.title)
+            fig.tight_layout()
+            fig.savefig(args.out / f"{name}.png", dpi=100)
+            plt.close(fig)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "summary.md").write_text("\n".join(summary))
+    print(f"wrote {args.out}/results.json, summary.md and the plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The benchmark tools run and say what they measured: ``boost-build bench`` on a model, and the
+suite's figures (small sizes) with their JSON, PNG and markdown outputs. The figures themselves
+are not asserted (they depend on the machine); what must hold whatever the machine is."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from tests import bench_suite
+from tests.conftest import run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_boost_build_bench_compares_the_engines_of_a_model(
+    zoo_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    model = zoo_model("tiny_cnn")
+    out = tmp_path / "bench.json"
+    done = run_cli(
+        "models.cli", "bench", str(model), "--target", "vta", "--inputs",
+        str(model.with_suffix(".npz")), "--threads", "1,2", "--runs", "5", "--json", str(out),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    print(done.stdout)
+    lines = done.stdout.splitlines()
+    assert lines[1].split()[:5] == ["engine", "threads", "p50", "ms", "p90"]
+    rows = json.loads(out.read_text())["latency"]
+    assert {(r["engine"], r["threads"]) for r in rows} == {
+        (engine, threads) for engine in ("tvm", "vta-sim", "onnxruntime") for threads in (1, 2)
+    }
+    assert all(0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["runs"] == 5 for r in rows)
+
+
+def test_bench_command_refuses_a_target_it_cannot_run(
+    zoo_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    done = run_cli(
+        "models.cli", "bench", str(zoo_model("tiny_cnn")), "--target", "aarch64", cwd=tmp_path
+    )
+    assert done.returncode != 0 and "invalid choice: 'aarch64'" in done.stderr
+
+
+def test_the_suite_writes_json_plots_and_a_summary(tmp_path: Path) -> None:
+    assert bench_suite.main(["--quick", "--only", "fleet,cache", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["figures"]) == {"fleet", "cache"}
+    for name in ("fleet", "cache"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    fleet = results["figures"]["fleet"]
+    for devices, seen, active, *_ in fleet["rows"]:
+        assert devices == seen == active  # every simulated device reported the model active
+    for slots, *ratios in results["figures"]["cache"]["rows"]:
+        optimal = ratios[-1]
+        assert all(0 < r <= optimal for r in ratios), (slots, ratios)  # Belady is the optimum
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("# Benchmark summary")
+    assert "| devices | seen online | active |" in summary
+    assert "--quick --only fleet,cache" in summary
