@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,30 @@ class LoadedModel:
             result = self._main(*(self._ffi.from_dlpack(a) for a in arrays))
             values = list(result) if isinstance(result, self._ffi.Array) else [result]
             return [np.from_dlpack(v).copy() for v in values]
+
+
+    def kernel_ms(self, feeds: Mapping[str, np.ndarray], runs: int) -> dict[str, float]:
+        """Milliseconds per run spent in each kernel the module calls (by symbol), over
+        ``runs`` runs: the VM's instrument hook times every call it makes."""
+        arrays = self.check_inputs(feeds)
+        spent: dict[str, float] = {}
+        started: list[float] = []
+
+        def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+            if before:
+                started.append(time.perf_counter())
+            else:
+                spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - started.pop()
+            return 0  # VMInstrumentReturnKind.NO_OP: run the call
+
+        with self._lock:
+            self._vm["set_instrument"](instrument)
+            try:
+                for _ in range(runs):
+                    self._main(*(self._ffi.from_dlpack(a) for a in arrays))
+            finally:
+                self._vm["set_instrument"](None)
+        return {symbol: seconds * 1e3 / runs for symbol, seconds in spent.items()}
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,17 @@ def build_engines(
 
 
 def measure(
-    builds: dict[str, Path], model: Path, public_key: Path, threads: int, runs: int, work: Path
-) -> list[Latency]:
-    """Time every build and ONNX Runtime in a child process with ``threads`` threads."""
+    builds: dict[str, Path],
+    model: Path,
+    public_key: Path,
+    threads: int,
+    runs: int,
+    work: Path,
+    layers: bool = False,
+) -> tuple[list[Latency], dict[str, dict[str, float]]]:
+    """Time every build and ONNX Runtime in a child process with ``threads`` threads; with
+    ``layers``, also where the ``tvm`` build and ONNX Runtime spend their time, by kind of layer
+    (ms per run)."""
     spec = {
         "builds": {engine: str(path) for engine, path in builds.items()},
         "model": str(model),
@@ -83,6 +91,7 @@ def measure(
         "threads": threads,
         "runs": runs,
         "work": str(work / f"unpacked-{threads}"),
+        "layers": layers,
     }
     env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(
@@ -94,10 +103,60 @@ def measure(
     )
     if done.returncode != 0:
         raise BoostError(f"the timing process failed: {done.stderr.strip()[-2000:]}")
-    return [Latency(**row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return [Latency(**row) for row in result["latency"]], result["layers"]
 
 
-def _time_engines(spec: dict[str, Any]) -> list[dict[str, Any]]:
+#: Kinds of layer, by the first operator of a TVM kernel's name and by ONNX Runtime's op type.
+LAYER_KINDS = {
+    "conv": (("conv2d",), ("Conv", "FusedConv")),
+    "dense": (("matmul", "dense"), ("Gemm", "MatMul", "FusedGemm", "FusedMatMul")),
+    "pool": (
+        ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"),
+        ("MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean"),
+    ),
+    "runtime": (("vm.builtin",), ()),
+}
+OTHER = "other (elementwise, reshapes)"
+
+
+def layer_kind(tvm_symbol: str = "", ort_op: str = "") -> str:
+    first = tvm_symbol.removeprefix("fused_").rstrip("0123456789_")
+    for kind, (tvm_ops, ort_ops) in LAYER_KINDS.items():
+        if ort_op in ort_ops or (tvm_symbol and any(first.startswith(op) for op in tvm_ops)):
+            return kind
+    return OTHER
+
+
+def _layers(
+    loaded: Any, model: str, feeds: dict[str, np.ndarray], threads: int, runs: int, work: Path
+) -> dict[str, dict[str, float]]:
+    """ms per run by kind of layer: the TVM build's kernels (VM instrument), ONNX Runtime's
+    nodes (its profiler, on a session of its own)."""
+    import onnxruntime as ort
+
+    out: dict[str, dict[str, float]] = {}
+    for symbol, ms in loaded.kernel_ms(feeds, runs).items():
+        kind = out.setdefault(layer_kind(tvm_symbol=symbol), {TVM: 0.0, ORT: 0.0})
+        kind[TVM] += ms
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(work / "ort-profile")
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    skip = len(nodes) // (runs + 1)  # the first run's nodes: the warm-up
+    for event in nodes[skip:]:
+        kind = out.setdefault(layer_kind(ort_op=event["args"]["op_name"]), {TVM: 0.0, ORT: 0.0})
+        kind[ORT] += event["dur"] / 1e3 / runs
+    return out
+
+
+def _time_engines(spec: dict[str, Any]) -> dict[str, Any]:
     """The child's side of ``measure``: load everything, then time the engines in rounds."""
     import onnxruntime as ort
 
@@ -108,6 +167,7 @@ def _time_engines(spec: dict[str, Any]) -> list[dict[str, Any]]:
     trusted = [load_public_key(Path(spec["public_key"]))]
     runtime = TvmRuntime()
     runners: dict[str, Any] = {}
+    loaded_models: dict[str, Any] = {}
     feeds: dict[str, np.ndarray] = {}
     for engine, path in spec["builds"].items():
         verified = open_artifact(Path(path), trusted, Path(spec["work"]) / engine)
@@ -115,6 +175,7 @@ def _time_engines(spec: dict[str, Any]) -> list[dict[str, Any]]:
         if manifest.target.accelerator:
             _simulated_vta(verified.path(INDEX).parent)
         loaded = runtime.load(verified.path(manifest.library), manifest.inputs, manifest.outputs)
+        loaded_models[engine] = loaded
         runners[engine] = loaded.run
         if not feeds:
             rng = np.random.default_rng(0)
@@ -134,11 +195,15 @@ def _time_engines(spec: dict[str, Any]) -> list[dict[str, Any]]:
             start = time.perf_counter()
             runners[engine](feeds)
             samples[engine].append((time.perf_counter() - start) * 1e3)
-    out = []
+    latency = []
     for engine, s in samples.items():
         p50, p90, p99 = (round(float(np.percentile(s, q)), 4) for q in (50, 90, 99))
-        out.append(asdict(Latency(engine, spec["threads"], p50, p90, p99, len(s))))
-    return out
+        latency.append(asdict(Latency(engine, spec["threads"], p50, p90, p99, len(s))))
+    layers = {}
+    if spec["layers"]:
+        tvm = loaded_models[TVM]
+        layers = _layers(tvm, spec["model"], feeds, spec["threads"], 10, Path(spec["work"]))
+    return {"latency": latency, "layers": layers}
 
 
 def _simulated_vta(root: Path) -> None:
@@ -163,6 +228,14 @@ def table(latencies: list[Latency]) -> str:
             f"{lat.engine:<14}{lat.threads:>8}{lat.p50_ms:>11.3f}{lat.p90_ms:>11.3f}"
             f"{lat.p99_ms:>11.3f}{ratio:>7.2f}x"
         )
+    return "\n".join(lines)
+
+
+def layer_table(kinds: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'layers':<30}{'tvm ms':>10}{'ORT ms':>10}{'tvm / ORT':>11}"]
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1][TVM]):
+        ratio = f"{ms[TVM] / ms[ORT]:>10.2f}x" if ms[ORT] else f"{'-':>11}"
+        lines.append(f"{kind:<30}{ms[TVM]:>10.3f}{ms[ORT]:>10.3f}{ratio}")
     return "\n".join(lines)
 
 

@@ -371,16 +371,22 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
             args.inputs,
             Progress(),
         )
-        latencies = [
-            lat
-            for n in threads
-            for lat in bench.measure(builds, args.model, public, n, args.runs, work)
-        ]
+        latencies, layers = [], {}
+        for n in threads:
+            measured, layers[n] = bench.measure(
+                builds, args.model, public, n, args.runs, work, args.layers
+            )
+            latencies += measured
     print(f"{args.model.name}: {records} tuning records applied to the tvm build, {args.runs} runs")
     print(bench.table(latencies))
+    if args.layers:
+        for n, kinds in layers.items():
+            print(f"\nwhere the time goes, {n} threads (ms per run)")
+            print(bench.layer_table(kinds))
     if args.json:
         rows = [dataclasses.asdict(lat) for lat in latencies]
-        args.json.write_text(json.dumps({"tuning_records": records, "latency": rows}, indent=2))
+        document = {"tuning_records": records, "latency": rows, "layers": layers}
+        args.json.write_text(json.dumps(document, indent=2))
     return 0
 
 
@@ -438,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune-trials", type=int, default=0, metavar="N", help="tune the tvm build first"
     )
     p.add_argument("--inputs", type=Path, help=".npz of input batches (calibration for vta)")
+    p.add_argument(
+        "--layers",
+        action="store_true",
+        help="also where the tvm build and ONNX Runtime spend their time, by kind of layer",
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.set_defaults(handler=cmd_bench)
 

@@ -118,7 +118,7 @@ def measure(model_name: str, repeats: int) -> dict[str, Any]:
     return out
 
 
-def figure(quick: bool) -> Figure:
+def figures(quick: bool) -> list[Figure]:
     model_name, repeats = ("tiny_cnn", 1) if quick else (MODEL, 3)
     m = measure(model_name, repeats)
     fig = Figure(
@@ -149,4 +149,4 @@ def figure(quick: bool) -> Figure:
         ax.set_ylabel("seconds")
 
     fig.plot = plot
-    return fig
+    return [fig]

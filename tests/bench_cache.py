@@ -82,7 +82,7 @@ def belady(trace: list[int], slots: int) -> float:
     return hits / len(trace)
 
 
-def figure(quick: bool) -> Figure:
+def figures(quick: bool) -> list[Figure]:
     models, requests, period = (200, 20_000, 2_000) if quick else (1000, 200_000, 10_000)
     trace = zipf_trace(models, requests, period, movers=models // 20)
     short, long = period // 20, period // 2
@@ -113,4 +113,4 @@ def figure(quick: bool) -> Figure:
         ax.legend()
 
     fig.plot = plot
-    return fig
+    return [fig]

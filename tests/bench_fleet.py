@@ -183,7 +183,7 @@ def deploy_to(count: int, work: Path) -> dict[str, float]:
     }
 
 
-def figure(quick: bool) -> Figure:
+def figures(quick: bool) -> list[Figure]:
     sizes = [10, 50] if quick else [10, 100, 300, 1000]
     fig = Figure(
         "fleet",
@@ -212,7 +212,7 @@ def figure(quick: bool) -> Figure:
         ax.legend()
 
     fig.plot = plot
-    return fig
+    return [fig]
 
 
 if __name__ == "__main__":

@@ -39,12 +39,17 @@ from tests import bench_agent, bench_cache, bench_fleet, bench_vta_model
 from tests.support.figures import Figure
 
 
-def cpu_figure(quick: bool) -> Figure:
+def cpu_figures(quick: bool) -> list[Figure]:
     names = ["tiny_cnn"] if quick else ["resnet18", "mobilenetv2"]
-    figure = Figure(
+    latency = Figure(
         "cpu",
         "CPU latency: TVM build vs ONNX Runtime (ms, median)",
-        ["model", "threads", "TVM ms", "ORT ms", "TVM / ORT", "tuning records"],
+        ["model", "threads", "TVM ms", "ORT ms", "TVM / ORT", "untuned TVM ms", "tuning records"],
+    )
+    layers = Figure(
+        "cpu-layers",
+        "Where the time goes, 2 threads: TVM build vs ONNX Runtime by kind of layer (ms per run)",
+        ["model", "layers", "TVM ms", "ORT ms", "TVM / ORT"],
     )
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
         work = Path(tmp)
@@ -57,40 +62,47 @@ def cpu_figure(quick: bool) -> Figure:
                 model, "x86_64", work / name, load_config(None).build.tuning_db, key
             )
             for threads in (1, 2):
-                times = {
-                    lat.engine: lat.p50_ms
-                    for lat in bench.measure(
-                        builds, model, public, threads, 5 if quick else 30, work / name
-                    )
-                }
+                measured, kinds = bench.measure(
+                    builds, model, public, threads, 5 if quick else 30, work / name, threads == 2
+                )
+                times = {lat.engine: lat.p50_ms for lat in measured}
                 tvm, ort = times[bench.TVM], times[bench.ORT]
-                figure.rows.append([name, threads, tvm, ort, tvm / ort, records])
-    figure.notes.append(
+                untuned = times.get(bench.UNTUNED, "")
+                latency.rows.append([name, threads, tvm, ort, tvm / ort, untuned, records])
+                for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1][bench.TVM]):
+                    tvm_ms, ort_ms = ms[bench.TVM], ms[bench.ORT]
+                    ratio = tvm_ms / ort_ms if ort_ms else ""
+                    layers.rows.append([name, kind, tvm_ms, ort_ms, ratio])
+    latency.notes.append(
         "same input, same thread count (TVM_NUM_THREADS, ORT intra_op_num_threads), the runs of "
-        "both engines interleaved; the build applies the tuning database of this CPU when it "
-        "holds records for the model"
+        "both engines interleaved; the build applies the tuning records for the model and this "
+        "CPU (the user's database, else the shipped ones); untuned: the same build without them"
+    )
+    layers.notes.append(
+        "TVM: each kernel the VM calls, timed by the VM's instrument hook, grouped by its first "
+        "operator; ONNX Runtime: its profiler's node times, grouped by op type"
     )
 
     def plot(ax: Any) -> None:
-        labels = [f"{r[0]}\n{r[1]} thr" for r in figure.rows]
+        labels = [f"{r[0]}\n{r[1]} thr" for r in latency.rows]
         xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], [r[2] for r in figure.rows], 0.4, label="TVM build")
-        ax.bar([x + 0.2 for x in xs], [r[3] for r in figure.rows], 0.4, label="ONNX Runtime")
+        ax.bar([x - 0.2 for x in xs], [r[2] for r in latency.rows], 0.4, label="TVM build")
+        ax.bar([x + 0.2 for x in xs], [r[3] for r in latency.rows], 0.4, label="ONNX Runtime")
         ax.set_xticks(list(xs), labels)
         ax.set_ylabel("ms per inference")
         ax.set_yscale("log")
         ax.legend()
 
-    figure.plot = plot
-    return figure
+    latency.plot = plot
+    return [latency, layers]
 
 
-FIGURES: dict[str, Callable[[bool], Figure]] = {
-    "cpu": cpu_figure,
-    "vta": bench_vta_model.figure,
-    "agent": bench_agent.figure,
-    "fleet": bench_fleet.figure,
-    "cache": bench_cache.figure,
+FIGURES: dict[str, Callable[[bool], list[Figure]]] = {
+    "cpu": cpu_figures,
+    "vta": bench_vta_model.figures,
+    "agent": bench_agent.figures,
+    "fleet": bench_fleet.figures,
+    "cache": bench_cache.figures,
 }
 
 
@@ -116,18 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         start = time.monotonic()
         print(f"figure {name} ...", flush=True)
-        figure = FIGURES[name](args.quick)
-        figure.notes.append(f"measured in {time.monotonic() - start:.0f} s")
-        results["figures"][name] = figure.to_json()
-        summary.append(figure.markdown())
-        print(figure.markdown(), flush=True)
-        if figure.plot is not None:
-            fig, ax = plt.subplots(figsize=(8, 4.5))
-            figure.plot(ax)
-            ax.set_title(figure.title)
-            fig.tight_layout()
-            fig.savefig(args.out / f"{name}.png", dpi=100)
-            plt.close(fig)
+        figures = FIGURES[name](args.quick)
+        for figure in figures:
+            figure.notes.append(f"measured in {time.monotonic() - start:.0f} s")
+            results["figures"][figure.name] = figure.to_json()
+            summary.append(figure.markdown())
+            print(figure.markdown(), flush=True)
+            if figure.plot is not None:
+                fig, ax = plt.subplots(figsize=(8, 4.5))
+                figure.plot(ax)
+                ax.set_title(figure.title)
+                fig.tight_layout()
+                fig.savefig(args.out / f"{figure.name}.png", dpi=100)
+                plt.close(fig)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "summary.md").write_text("\n".join(summary))
     print(f"wrote {args.out}/results.json, summary.md and the plots")

@@ -116,7 +116,7 @@ def build_both(model: str, work: Path) -> Builds:
     return Builds(source, bundle, engine, loaded["vta"][0], models)
 
 
-def figure(quick: bool) -> Figure:
+def figures(quick: bool) -> list[Figure]:
     model = "tiny_cnn" if quick else "resnet18"
     with tempfile.TemporaryDirectory(prefix="bench-vta-") as tmp:
         builds = build_both(model, Path(tmp))
@@ -146,7 +146,7 @@ def figure(quick: bool) -> Figure:
         ax.set_ylabel(f"{model}: ms per inference")
 
     fig.plot = plot
-    return fig
+    return [fig]
 
 
 def main() -> None:
