@@ -26,6 +26,7 @@ from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
 
 TVM, UNTUNED, ORT, VTA_SIM = "tvm", "tvm-untuned", "onnxruntime", "vta-sim"
+SETTLE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ def build_engines(
     cpu = CompileRequest(model=model, target="x86_64", trials=trials, output=work / "tvm.boost")
     records = compile_for(TVM, cpu, tuning_db)
     if records:
-        plain = CompileRequest(model=model, target="x86_64", output=work / "untuned.boost")
-        compile_for(UNTUNED, plain, work / "no-tuning")
+        plain = CompileRequest(
+            model=model, target="x86_64", output=work / "untuned.boost", tuned=False
+        )
+        compile_for(UNTUNED, plain, tuning_db)
     if target == "vta":
         vta = CompileRequest(
             model=model, target="vta", board="sim", inputs=inputs, output=work / "vta.boost"
@@ -192,6 +195,9 @@ def _time_engines(spec: dict[str, Any]) -> dict[str, Any]:
         order = list(runners)
         order = order[round_ % len(order) :] + order[: round_ % len(order)]
         for engine in order:
+            # The engine before leaves its thread pool spinning for a while; on a machine with
+            # as many cores as threads that would be charged to this one.
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             runners[engine](feeds)
             samples[engine].append((time.perf_counter() - start) * 1e3)

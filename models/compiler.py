@@ -60,6 +60,9 @@ class CompileRequest:
     #: --target vta: the FPGA board whose bitstream the build carries (default: --board, when
     #: it is an FPGA board).
     fpga: str | None = None
+    #: Apply the tuning records of the model and target (the user's database, else the shipped
+    #: ones); False builds without any (what an untuned build costs).
+    tuned: bool = True
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ def compile_model(
     # A VTA build tunes the CPU part of another module than the float model's: its own key.
     keyed = {**target_dict, "accelerator": spec.accelerator} if spec.accelerator else target_dict
     tuning_key = TuningKey(digest, keyed, tvm_backend.version())
-    existing = tuning.record_count(tuning_key)
+    existing = tuning.record_count(tuning_key) if request.tuned else 0
     tuning_dir = tuning.prepare(tuning_key) if request.trials or existing else None
 
     with progress.stage(f"import {request.model.name}"):
@@ -249,7 +252,7 @@ def compile_model(
             },
             tuning={
                 "key": tuning_key.digest,
-                "records": tuning.record_count(tuning_key),
+                "records": tuning.record_count(tuning_key) if tuning_dir else 0,
                 "trials_this_build": request.trials,
             },
             quantization=quantization,
@@ -259,7 +262,7 @@ def compile_model(
         out.parent.mkdir(parents=True, exist_ok=True)
         with progress.stage(f"package {out}"):
             write_artifact(out, manifest, files, key)
-    return CompileResult(out, manifest, time.monotonic() - start, tuning.record_count(tuning_key))
+    return CompileResult(out, manifest, time.monotonic() - start, manifest.tuning["records"])
 
 
 def _bitstream(

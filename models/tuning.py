@@ -5,19 +5,23 @@ directory of its own; ``key.json`` in it says what the key is. A later compile w
 applies the records without tuning again.
 
 ``models/tuning_records/`` ships records made the same way for the zoo models on the CPU classes
-their ``key.json`` names. A compile whose key has no records in the user's database starts from
-the shipped ones (copied in, so tuning further adds to them).
+their ``key.json`` names: the best record of each workload, gzipped. A compile whose key has no
+records in the user's database starts from the shipped ones (copied in, so tuning further adds to
+them). ``python -m models.tuning ship MODEL.onnx`` puts the user's records of a model for this
+machine's x86_64 target there.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
-import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.errors import BoostError
 from models.tvm_backend import RECORDS_FILE, WORKLOADS_FILE
 
 SHIPPED = Path(__file__).parent / "tuning_records"
@@ -54,24 +58,71 @@ class TuningDatabase:
 
     def record_count(self, key: TuningKey) -> int:
         """Records for ``key``: the user's, else the shipped ones."""
-        return _count(self.directory(key)) or _count(self.shipped / key.digest)
+        return len(_lines(self.directory(key) / RECORDS_FILE)) or len(
+            _lines(self._shipped(key, RECORDS_FILE))
+        )
 
     def prepare(self, key: TuningKey) -> Path:
         """The directory MetaSchedule tunes into, created with its ``key.json`` and, when it has
         no records yet, the shipped records of the key."""
         directory = self.directory(key)
         directory.mkdir(parents=True, exist_ok=True)
-        shipped = self.shipped / key.digest
-        if not _count(directory) and _count(shipped):
+        if not _lines(directory / RECORDS_FILE) and _lines(self._shipped(key, RECORDS_FILE)):
             for name in (WORKLOADS_FILE, RECORDS_FILE):
-                shutil.copyfile(shipped / name, directory / name)
+                (directory / name).write_bytes(_read(self._shipped(key, name)))
         (directory / "key.json").write_text(key.as_json() + "\n")
         return directory
 
+    def ship(self, key: TuningKey) -> Path:
+        """Put the best record of each workload of ``key`` among the shipped records."""
+        records = _lines(self.directory(key) / RECORDS_FILE)
+        if not records:
+            raise BoostError(f"no tuning records for {key.as_json()} in {self.root}")
+        best: dict[int, tuple[float, bytes]] = {}
+        for line in records:
+            workload, (_, run_secs, *_) = json.loads(line)
+            seconds = sum(run_secs) / len(run_secs) if run_secs else float("inf")
+            if workload not in best or seconds < best[workload][0]:
+                best[workload] = (seconds, line)
+        out = self.shipped / key.digest
+        out.mkdir(parents=True, exist_ok=True)
+        kept = b"".join(line + b"\n" for _, line in sorted(best.values()))
+        workloads = (self.directory(key) / WORKLOADS_FILE).read_bytes()
+        for name, data in ((RECORDS_FILE, kept), (WORKLOADS_FILE, workloads)):
+            (out / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
+        (out / "key.json").write_text(key.as_json() + "\n")
+        return out
 
-def _count(directory: Path) -> int:
-    path = directory / RECORDS_FILE
+    def _shipped(self, key: TuningKey, name: str) -> Path:
+        return self.shipped / key.digest / f"{name}.gz"
+
+
+def _read(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.suffix == ".gz" else data
+
+
+def _lines(path: Path) -> list[bytes]:
     if not path.is_file():
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
+        return []
+    return [line for line in _read(path).splitlines() if line.strip()]
+
+
+def main(argv: list[str]) -> int:
+    """``ship MODEL.onnx [TUNING_DB]``: ship the records of MODEL for this machine's x86_64."""
+    from models import targets, tvm_backend
+    from models.compiler import load_onnx
+
+    if len(argv) not in (2, 3) or argv[0] != "ship":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    _, digest = load_onnx(Path(argv[1]))
+    key = TuningKey(digest, targets.resolve("x86_64").tvm_dict(), tvm_backend.version())
+    root = Path(argv[2]) if len(argv) == 3 else Path(".boost/tuning")
+    out = TuningDatabase(root).ship(key)
+    print(f"{out}: {len(_lines(out / (RECORDS_FILE + '.gz')))} records")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

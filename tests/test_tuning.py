@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from agent.artifact import load_public_key, open_artifact
+from agent.runtime import TvmRuntime, golden_check
 from models import targets, tvm_backend
 from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
-from models.tuning import TuningDatabase, TuningKey
+from models.tuning import SHIPPED, TuningDatabase, TuningKey
 
 
 def test_tuning_key_separates_targets_and_versions() -> None:
@@ -61,3 +63,46 @@ def test_second_compile_reuses_tuning_records(
     assert untuned["records"] == 0
     # The records change the generated code; reusing them reproduces the tuned build's kernels.
     assert untuned_lib.read_bytes() != reused_lib.read_bytes()
+
+
+def test_shipped_records_are_the_fallback_and_tuning_adds_to_a_copy(tmp_path: Path) -> None:
+    key = TuningKey("ab" * 32, targets.resolve("x86_64").tvm_dict(), "0.27.0")
+    shipped = tmp_path / "shipped"
+    (shipped / key.digest).mkdir(parents=True)
+    for name in (tvm_backend.WORKLOADS_FILE, tvm_backend.RECORDS_FILE):
+        (shipped / key.digest / name).write_text('{"a": 1}\n{"b": 2}\n')
+    db = TuningDatabase(tmp_path / "user", shipped)
+    assert db.record_count(key) == 2
+    assert db.record_count(TuningKey("cd" * 32, key.target, key.tvm_version)) == 0
+    directory = db.prepare(key)
+    copied = directory / tvm_backend.RECORDS_FILE
+    assert copied.read_text() == '{"a": 1}\n{"b": 2}\n'
+    copied.write_text('{"a": 1}\n{"b": 2}\n{"c": 3}\n')  # tuning further
+    assert db.record_count(key) == 3
+    db.prepare(key)  # the user's records are never replaced by the shipped ones
+    assert db.record_count(key) == 3
+    assert (shipped / key.digest / tvm_backend.RECORDS_FILE).read_text().count("\n") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2"])
+def test_zoo_models_compile_with_the_shipped_records_without_tuning(
+    name: str, zoo_model: Callable[[str], Path], keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model = zoo_model(name)
+    target = targets.resolve("x86_64").tvm_dict()
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    key = TuningKey(digest, target, tvm_backend.version())
+    if not (SHIPPED / key.digest).is_dir():
+        shipped = sorted(json.loads(p.read_text())["target"].get("mcpu") for p in
+                         SHIPPED.glob("*/key.json"))  # fmt: skip
+        pytest.skip(f"no shipped records for {name} on this CPU ({target}); shipped: {shipped}")
+    request = CompileRequest(model=model, target="x86_64", output=tmp_path / "a.boost")
+    result = compile_model(request, tmp_path / "empty-db", keys[0], "test", Progress(False))
+    assert result.manifest.tuning["trials_this_build"] == 0
+    assert result.manifest.tuning["records"] == TuningDatabase(tmp_path / "x").record_count(key) > 0
+    verified = open_artifact(result.artifact, [load_public_key(keys[1])], tmp_path / "unpacked")
+    m = verified.manifest
+    loaded = TvmRuntime().load(verified.path(m.library), m.inputs, m.outputs)
+    report = golden_check(loaded, verified.path(m.golden.file), m.golden.rtol, m.golden.atol)
+    assert report.passed, report.describe()
