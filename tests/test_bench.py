@@ -45,18 +45,29 @@ def test_bench_command_refuses_a_target_it_cannot_run(
 
 
 def test_the_suite_writes_json_plots_and_a_summary(tmp_path: Path) -> None:
-    assert bench_suite.main(["--quick", "--only", "fleet,cache", "--out", str(tmp_path)]) == 0
+    assert bench_suite.main(["--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["figures"]) == {"fleet", "cache"}
-    for name in ("fleet", "cache"):
+    figures = results["figures"]
+    assert set(figures) == {"cpu", "cpu-layers", "vta", "agent", "fleet", "cache"}
+    for name in ("cpu", "vta", "agent", "fleet", "cache"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
-    fleet = results["figures"]["fleet"]
-    for devices, seen, active, *_ in fleet["rows"]:
+    assert [(r[0], r[1]) for r in figures["cpu"]["rows"]] == [("tiny_cnn", 1), ("tiny_cnn", 2)]
+    assert all(r[2] > 0 and r[3] > 0 and r[4] == r[2] / r[3] for r in figures["cpu"]["rows"])
+    kinds = {r[1]: r for r in figures["cpu-layers"]["rows"]}
+    assert kinds["conv"][2] > 0 and kinds["conv"][3] > 0  # both engines' convolutions were timed
+    assert all(r[1] > 0 and r[2] > 0 for r in figures["vta"]["rows"])
+    agent = {r[0]: r for r in figures["agent"]["rows"]}
+    assert (
+        agent["inference round trip over MQTT"][1] > agent["inference, direct call of the build"][1]
+    )
+    notes = " ".join(figures["agent"]["notes"])
+    assert "cold: accepted > downloading" in notes and "re-activation: accepted > loading" in notes
+    for devices, seen, active, *_ in figures["fleet"]["rows"]:
         assert devices == seen == active  # every simulated device reported the model active
-    for slots, *ratios in results["figures"]["cache"]["rows"]:
+    for slots, *ratios in figures["cache"]["rows"]:
         optimal = ratios[-1]
         assert all(0 < r <= optimal for r in ratios), (slots, ratios)  # Belady is the optimum
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# Benchmark summary")
     assert "| devices | seen online | active |" in summary
-    assert "--quick --only fleet,cache" in summary
+    assert "python -m tests.bench_suite --quick --out" in summary
