@@ -127,7 +127,6 @@ class LoadedModel:
             values = list(result) if isinstance(result, self._ffi.Array) else [result]
             return [np.from_dlpack(v).copy() for v in values]
 
-
     def kernel_ms(self, feeds: Mapping[str, np.ndarray], runs: int) -> dict[str, float]:
         """Milliseconds per run spent in each kernel the module calls (by symbol), over
         ``runs`` runs: the VM's instrument hook times every call it makes."""
