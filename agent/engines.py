@@ -6,9 +6,9 @@ A model can have several builds on one device at the same version, one per engin
 starts, every build of the model is loaded, golden-tested and timed on its golden inputs; requests
 go to the fastest build that passed (with ``[agent] prefer = "accelerator"``, to the fastest
 accelerator build first, keeping the CPU for the device's applications). A build whose run fails
-is taken out of the ranking and the request runs again on the next one, so the model is served as
-long as one of its builds works. The interposer makes the same choice between a build and ONNX
-Runtime inside an application (``agent/interpose.py``).
+is taken out of the ranking and the request runs again on the next one; the last working build
+stays in service (its failures are the requests' errors). The interposer makes the same choice
+between a build and ONNX Runtime inside an application (``agent/interpose.py``).
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ class Ranking:
         return next((m for m in self.builds if m.error is None), None)
 
     def fail(self, digest: str, reason: str) -> Measured | None:
-        """Take a build out of service; returns the build that serves instead (None: none)."""
+        """Take a build out of service and return the build that serves instead; the last
+        working build stays in service (None: there is no other)."""
+        others = [m for m in self.builds if m.error is None and m.digest != digest]
+        if not others:
+            return None
         for m in self.builds:
             if m.digest == digest:
                 m.error = reason

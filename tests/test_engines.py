@@ -5,17 +5,45 @@ accelerator dies the CPU build takes over without a failed request."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.engines import Measured, Ranking, median_ms
 from models.fleet import Fleet, decode_outputs
 from tests.conftest import Keys
 from tests.support.firmware import FirmwareProcess
 from tests.support.fleet import AgentProcess, CountingStore, Watcher, deploy, golden, online
 from vta.config import VtaConfig
+
+
+def test_ranking_orders_by_preference_and_latency_and_keeps_the_last_build() -> None:
+    builds = [
+        Measured("a" * 64, "tvm", 2.0),
+        Measured("b" * 64, "vta-serial", 5.0),
+        Measured("c" * 64, "vta-sim", error="golden test FAILED"),
+    ]
+    fastest = Ranking([dataclasses.replace(m) for m in builds], "fastest")
+    assert [m.engine for m in fastest.builds] == ["tvm", "vta-serial", "vta-sim"]
+    accelerator = Ranking(builds, "accelerator")
+    assert [m.engine for m in accelerator.builds] == ["vta-serial", "tvm", "vta-sim"]
+    assert accelerator.to_json()["serving"] == "vta-serial"
+    assert accelerator.fail("b" * 64, "port went away") == builds[0]
+    assert accelerator.to_json()["engines"][2] == {
+        "engine": "vta-serial", "digest": "b" * 64, "latency_ms": 5.0, "error": "port went away"
+    }  # fmt: skip
+    assert accelerator.fail("a" * 64, "crashed") is None  # the last working build stays
+    assert accelerator.serving() == builds[0] and builds[0].error is None
+
+
+def test_median_ms_stops_at_its_budget() -> None:
+    calls = []
+    assert median_ms(lambda: calls.append(time.sleep(0.02)), runs=100, budget_s=0.1) >= 20
+    assert 2 <= len(calls) <= 8  # the warm-up and about 0.1 s of timed runs
 
 
 def activate(fleet: Fleet, store: CountingStore, artifact: Path) -> dict[str, Any]:
