@@ -5,7 +5,8 @@ applied; with ``--tune-trials N`` tuned first); ``tvm-untuned``, the same build 
 (shown when the first had some); ``onnxruntime``; and with ``--target vta`` the VTA build with its
 layers on the simulator (``vta-sim``). Every engine runs the same input with the same threads
 (``TVM_NUM_THREADS`` and ONNX Runtime's ``intra_op_num_threads``), in a fresh process per thread
-count, the engines' runs interleaved round by round; latencies are percentiles over the runs.
+count, the engines' runs interleaved round by round (each after a pause that lets the previous
+engine's spinning threads stop); latencies are percentiles over the runs.
 """
 
 from __future__ import annotations
@@ -55,23 +56,23 @@ def build_engines(
     if target not in ("x86_64", "vta"):
         raise BoostError(f"bench runs on this machine: --target x86_64 or vta, not {target!r}")
 
-    def compile_for(engine: str, request: CompileRequest, db: Path) -> int:
-        result = compile_model(request, db, signing_key, "bench", progress)
+    def compile_for(engine: str, request: CompileRequest) -> int:
+        result = compile_model(request, tuning_db, signing_key, "bench", progress)
         builds[engine] = result.artifact
         return result.tuning_records
 
     cpu = CompileRequest(model=model, target="x86_64", trials=trials, output=work / "tvm.boost")
-    records = compile_for(TVM, cpu, tuning_db)
+    records = compile_for(TVM, cpu)
     if records:
         plain = CompileRequest(
             model=model, target="x86_64", output=work / "untuned.boost", tuned=False
         )
-        compile_for(UNTUNED, plain, tuning_db)
+        compile_for(UNTUNED, plain)
     if target == "vta":
         vta = CompileRequest(
             model=model, target="vta", board="sim", inputs=inputs, output=work / "vta.boost"
         )
-        compile_for(VTA_SIM, vta, tuning_db)
+        compile_for(VTA_SIM, vta)
     return builds, records
 
 
