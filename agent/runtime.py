@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,8 @@ import numpy as np
 from agent.artifact import TensorSpec
 from agent.errors import BoostError, RuntimeLoadError
 
+#: The runtime's thread count; the user's value is kept, else ``physical_cores()``.
+THREADS_ENV = "TVM_NUM_THREADS"
 # TVM's generated kernels assume this alignment of every tensor they are given.
 ALIGNMENT = 64
 # kDLCPU and the VM's pooled allocator (tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR).
@@ -47,6 +50,26 @@ def runtime_library_path() -> Path:
     return path
 
 
+def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo"), usable: set[int] | None = None) -> int:
+    """Cores this process may run on, counting the hyper-threads of a core once."""
+    usable = os.sched_getaffinity(0) if usable is None else usable
+    cores: set[tuple[str, str]] = set()
+    try:
+        blocks = cpuinfo.read_text().split("\n\n")
+    except OSError:
+        return len(usable)
+    for block in blocks:
+        fields = dict(
+            (key.strip(), value.strip())
+            for key, _, value in (line.partition(":") for line in block.splitlines())
+        )
+        if fields.get("processor", "").isdigit() and int(fields["processor"]) in usable:
+            if "core id" not in fields:
+                return len(usable)  # no topology (ARM): every CPU is a core
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or len(usable)
+
+
 class TvmRuntime:
     """The process-wide TVM runtime: ``tvm_ffi`` with ``libtvm_runtime`` loaded globally."""
 
@@ -54,6 +77,10 @@ class TvmRuntime:
 
     def __init__(self) -> None:
         with self._lock:
+            # Before the runtime's thread pool exists: on x86 it halves the CPU count for
+            # hyper-threading when TVM_NUM_THREADS is unset, which leaves half of the cores of a
+            # machine without it idle (one thread on this project's 2-core build machines).
+            os.environ.setdefault(THREADS_ENV, str(physical_cores()))
             import tvm_ffi
 
             self.ffi: ModuleType = tvm_ffi

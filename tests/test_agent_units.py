@@ -4,7 +4,11 @@ payloads, capability probing and compatibility, resumable downloads."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +23,9 @@ from agent.config import AgentConfig
 from agent.deploy import TERMINAL, TRANSITIONS, Deployment, Phase
 from agent.download import DownloadError, DownloadPolicy, download, url_allowed
 from agent.protocol import ProtocolError, decode_tensor, encode_tensor, parse_command
+from agent.runtime import physical_cores
 from models.store import ArtifactStore, StoreServer
+from tests.support.fleet import REPO
 
 DAY = 86400.0
 
@@ -304,3 +310,32 @@ def test_download_rejects_other_bytes(served: tuple[str, str, bytes], tmp_path: 
     with pytest.raises(DownloadError, match="HTTP 404"):
         missing = url.rsplit("/", 1)[0] + "/" + "0" * 64  # no artifact has this digest
         download(missing, dest, "0" * 64, 10, lambda *a: None, DownloadPolicy())
+
+
+def _cpuinfo(tmp_path: Path, blocks: list[dict[str, int]]) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(
+        "\n\n".join("\n".join(f"{k}\t: {v}" for k, v in b.items()) for b in blocks) + "\n"
+    )
+    return path
+
+
+def test_physical_cores_counts_a_hyper_threaded_core_once(tmp_path: Path) -> None:
+    ht = [{"processor": i, "physical id": 0, "core id": i % 2} for i in range(4)]
+    assert physical_cores(_cpuinfo(tmp_path, ht), {0, 1, 2, 3}) == 2
+    assert physical_cores(_cpuinfo(tmp_path, ht), {0, 2}) == 1  # both threads of core 0
+    arm = [{"processor": i, "BogoMIPS": 108} for i in range(4)]
+    assert physical_cores(_cpuinfo(tmp_path, arm), {0, 1, 2, 3}) == 4
+    assert physical_cores(tmp_path / "missing", {0, 1}) == 2
+
+
+def test_the_runtime_uses_every_core_unless_told_otherwise(tmp_path: Path) -> None:
+    script = "import os; from agent.runtime import TvmRuntime; TvmRuntime(); "
+    script += "print(os.environ['TVM_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    env["PYTHONPATH"] = str(REPO)
+    run = functools.partial(
+        subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert run(env=env).stdout.strip() == str(physical_cores())
+    assert run(env={**env, "TVM_NUM_THREADS": "1"}).stdout.strip() == "1"
