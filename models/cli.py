@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -180,6 +181,13 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             broker = LocalBroker(config.build.serve.broker_port, Path(tmp)).start()
             print(f"MQTT broker at {broker.url}", flush=True)
         print(f"serving {store.root} at {server.url}", flush=True)
+
+        def stop(signum: int, frame: object) -> None:
+            # shutdown() waits for serve_forever() to return: not on the thread that runs it.
+            threading.Thread(target=server.shutdown).start()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):  # also when started with SIGINT ignored
+            signal.signal(sig, stop)
         try:
             server.serve_forever()
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from collections.abc import Callable
@@ -70,7 +71,7 @@ def test_shipped_records_are_the_fallback_and_tuning_adds_to_a_copy(tmp_path: Pa
     shipped = tmp_path / "shipped"
     (shipped / key.digest).mkdir(parents=True)
     for name in (tvm_backend.WORKLOADS_FILE, tvm_backend.RECORDS_FILE):
-        (shipped / key.digest / name).write_text('{"a": 1}\n{"b": 2}\n')
+        (shipped / key.digest / f"{name}.gz").write_bytes(gzip.compress(b'{"a": 1}\n{"b": 2}\n'))
     db = TuningDatabase(tmp_path / "user", shipped)
     assert db.record_count(key) == 2
     assert db.record_count(TuningKey("cd" * 32, key.target, key.tvm_version)) == 0
@@ -81,7 +82,8 @@ def test_shipped_records_are_the_fallback_and_tuning_adds_to_a_copy(tmp_path: Pa
     assert db.record_count(key) == 3
     db.prepare(key)  # the user's records are never replaced by the shipped ones
     assert db.record_count(key) == 3
-    assert (shipped / key.digest / tvm_backend.RECORDS_FILE).read_text().count("\n") == 2
+    shipped_records = shipped / key.digest / f"{tvm_backend.RECORDS_FILE}.gz"
+    assert gzip.decompress(shipped_records.read_bytes()).count(b"\n") == 2
 
 
 @pytest.mark.slow
@@ -106,3 +108,18 @@ def test_zoo_models_compile_with_the_shipped_records_without_tuning(
     loaded = TvmRuntime().load(verified.path(m.library), m.inputs, m.outputs)
     report = golden_check(loaded, verified.path(m.golden.file), m.golden.rtol, m.golden.atol)
     assert report.passed, report.describe()
+
+
+def test_ship_keeps_the_best_record_of_each_workload(tmp_path: Path) -> None:
+    key = TuningKey("ab" * 32, targets.resolve("x86_64").tvm_dict(), "0.27.0")
+    db = TuningDatabase(tmp_path / "user", tmp_path / "shipped")
+    directory = db.prepare(key)
+    records = [[0, [["trace a"], [0.3, 0.5]]], [0, [["trace b"], [0.2]]], [1, [["trace c"], [1.0]]]]
+    (directory / tvm_backend.RECORDS_FILE).write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    (directory / tvm_backend.WORKLOADS_FILE).write_text('"w0"\n"w1"\n')
+    out = db.ship(key)
+    kept = gzip.decompress((out / f"{tvm_backend.RECORDS_FILE}.gz").read_bytes()).decode()
+    assert [json.loads(line)[1][0] for line in kept.splitlines()] == [["trace b"], ["trace c"]]
+    assert TuningDatabase(tmp_path / "elsewhere", tmp_path / "shipped").record_count(key) == 2
