@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CPU_ENGINE = "tvm"
+ORT_ENGINE = "onnxruntime"
 PREFER = ("fastest", "accelerator")
 #: Timing at activation: this many runs after a warm-up, fewer when the budget is spent first.
 TIMED_RUNS = 20

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.engines import CPU_ENGINE, ORT_ENGINE
 from agent.errors import BoostError
 from agent.protocol import Command, ProtocolError, error_reply
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SOCKET = "agent.sock"
 #: The engines an application's interposed session runs on.
-ENGINES = ("onnxruntime", "tvm")
+ENGINES = (ORT_ENGINE, CPU_ENGINE)
 
 #: An operation: the request (as a ``Command`` named after its op, for its typed accessors) in,
 #: the answer's fields out.

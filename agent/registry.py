@@ -276,8 +276,9 @@ class Registry:
         return f"vta-{self.vta.driver.name}" if self.vta is not None else "vta"
 
     def rank(self, name: str) -> Ranking | None:
-        """Load, golden-test and time every build of model ``name`` (outside the lock, so other
-        models are served meanwhile); the ranking decides which build serves it."""
+        """Load, golden-test and time every build of model ``name``; the ranking decides which
+        build serves it. A deployment calls it without the lock, so other models are served
+        meanwhile."""
         with self.lock:
             slot = self.state.models.get(name)
         if slot is None:

@@ -192,13 +192,17 @@ class GoldenReport:
 def golden_inputs(golden: Path) -> dict[str, np.ndarray]:
     """The inputs recorded in an artifact's golden file, by name."""
     with np.load(golden, allow_pickle=False) as data:
-        return {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
+        return _inputs(data)
+
+
+def _inputs(data: Any) -> dict[str, np.ndarray]:
+    return {k.split(":", 1)[1]: data[k] for k in data.files if k.startswith("input:")}
 
 
 def golden_check(model: LoadedModel, golden: Path, rtol: float, atol: float) -> GoldenReport:
     """Run the artifact's recorded inputs and compare with its recorded outputs."""
-    feeds = golden_inputs(golden)
     with np.load(golden, allow_pickle=False) as data:
+        feeds = _inputs(data)
         expected = [data[f"output:{i}"] for i in range(len(model.outputs))]
     actual = model.run(feeds)
     worst, passed = 0.0, True

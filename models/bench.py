@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from agent.engines import CPU_ENGINE, ORT_ENGINE
 from agent.errors import BoostError
 from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
 
-TVM, UNTUNED, ORT, VTA_SIM = "tvm", "tvm-untuned", "onnxruntime", "vta-sim"
+TVM, ORT = CPU_ENGINE, ORT_ENGINE
+UNTUNED, VTA_SIM = "tvm-untuned", "vta-sim"
 SETTLE_S = 0.05
 
 
@@ -137,18 +139,12 @@ def _layers(
 ) -> dict[str, dict[str, float]]:
     """ms per run by kind of layer: the TVM build's kernels (VM instrument), ONNX Runtime's
     nodes (its profiler, on a session of its own)."""
-    import onnxruntime as ort
 
     out: dict[str, dict[str, float]] = {}
     for symbol, ms in loaded.kernel_ms(feeds, runs).items():
         kind = out.setdefault(layer_kind(tvm_symbol=symbol), {TVM: 0.0, ORT: 0.0})
         kind[TVM] += ms
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_profiling = True
-    options.profile_file_prefix = str(work / "ort-profile")
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = _ort_session(model, threads, profile=work / "ort-profile")
     for _ in range(runs + 1):
         session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
@@ -162,7 +158,6 @@ def _layers(
 
 def _time_engines(spec: dict[str, Any]) -> dict[str, Any]:
     """The child's side of ``measure``: load everything, then time the engines in rounds."""
-    import onnxruntime as ort
 
     from agent.artifact import load_public_key, open_artifact
     from agent.runtime import TvmRuntime
@@ -184,10 +179,7 @@ def _time_engines(spec: dict[str, Any]) -> dict[str, Any]:
         if not feeds:
             rng = np.random.default_rng(0)
             feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in manifest.inputs}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = spec["threads"]
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(spec["model"], options, providers=["CPUExecutionProvider"])
+    session = _ort_session(spec["model"], spec["threads"])
     runners[ORT] = lambda f: session.run(None, f)
     samples: dict[str, list[float]] = {engine: [] for engine in runners}
     for run in runners.values():
@@ -211,6 +203,19 @@ def _time_engines(spec: dict[str, Any]) -> dict[str, Any]:
         tvm = loaded_models[TVM]
         layers = _layers(tvm, spec["model"], feeds, spec["threads"], 10, Path(spec["work"]))
     return {"latency": latency, "layers": layers}
+
+
+def _ort_session(model: str, threads: int, profile: Path | None = None) -> Any:
+    """ONNX Runtime on the CPU with ``threads`` threads; with ``profile``, its profiler on."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def _simulated_vta(root: Path) -> None:

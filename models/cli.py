@@ -364,7 +364,6 @@ def cmd_zoo_export(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, config: Config) -> int:
-    threads = [int(t) for t in args.threads.split(",")]
     with tempfile.TemporaryDirectory(prefix="boost-bench-") as tmp:
         work = Path(tmp)
         key = work / "bench.key"
@@ -380,7 +379,7 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
             Progress(),
         )
         latencies, layers = [], {}
-        for n in threads:
+        for n in args.threads:
             measured, layers[n] = bench.measure(
                 builds, args.model, public, n, args.runs, work, args.layers
             )
@@ -396,6 +395,18 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
         document = {"tuning_records": records, "latency": rows, "layers": layers}
         args.json.write_text(json.dumps(document, indent=2))
     return 0
+
+
+def _positive(text: str) -> int:
+    """A whole number of 1 or more (an argparse type)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of 1 or more")
+    return int(text)
+
+
+def _counts(text: str) -> list[int]:
+    """Whole numbers of 1 or more, comma-separated (an argparse type)."""
+    return [_positive(part) for part in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,8 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["x86_64", "vta"],
         help="vta adds the VTA build on the simulator (needs --inputs for calibration)",
     )
-    p.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default: 1,2)")
-    p.add_argument("--runs", type=int, default=50, help="timed runs per engine (default: 50)")
+    p.add_argument(
+        "--threads",
+        type=_counts,
+        default=[1, 2],
+        help="thread counts, comma-separated (default: 1,2)",
+    )
+    p.add_argument("--runs", type=_positive, default=50, help="timed runs per engine (default: 50)")
     p.add_argument(
         "--tune-trials", type=int, default=0, metavar="N", help="tune the tvm build first"
     )

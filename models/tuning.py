@@ -77,7 +77,10 @@ class TuningDatabase:
         """Put the best record of each workload of ``key`` among the shipped records."""
         records = _lines(self.directory(key) / RECORDS_FILE)
         if not records:
-            raise BoostError(f"no tuning records for {key.as_json()} in {self.root}")
+            raise BoostError(
+                f"no tuning records for {key.as_json()} in {self.root}: tune first "
+                "(boost-build compile MODEL --tune-trials N)"
+            )
         best: dict[int, tuple[float, bytes]] = {}
         for line in records:
             workload, (_, run_secs, *_) = json.loads(line)
@@ -116,10 +119,14 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3) or argv[0] != "ship":
         print(main.__doc__, file=sys.stderr)
         return 2
-    _, digest = load_onnx(Path(argv[1]))
-    key = TuningKey(digest, targets.resolve("x86_64").tvm_dict(), tvm_backend.version())
     root = Path(argv[2]) if len(argv) == 3 else Path(".boost/tuning")
-    out = TuningDatabase(root).ship(key)
+    try:
+        _, digest = load_onnx(Path(argv[1]))
+        key = TuningKey(digest, targets.resolve("x86_64").tvm_dict(), tvm_backend.version())
+        out = TuningDatabase(root).ship(key)
+    except BoostError as err:
+        print(f"models.tuning: error: {err}", file=sys.stderr)
+        return 1
     print(f"{out}: {len(_lines(out / (RECORDS_FILE + '.gz')))} records")
     return 0
 

@@ -71,3 +71,15 @@ def test_the_suite_writes_json_plots_and_a_summary(tmp_path: Path) -> None:
     assert summary.startswith("# Benchmark summary")
     assert "| devices | seen online | active |" in summary
     assert "python -m tests.bench_suite --quick --out" in summary
+
+
+def test_bench_command_refuses_counts_below_one(
+    zoo_model: Callable[[str], Path], tmp_path: Path
+) -> None:
+    model = str(zoo_model("tiny_cnn"))
+    for args, message in (
+        (["--threads", "1,x"], "argument --threads: 'x': expected a whole number of 1 or more"),
+        (["--runs", "0"], "argument --runs: '0': expected a whole number of 1 or more"),
+    ):
+        done = run_cli("models.cli", "bench", model, *args, cwd=tmp_path)
+        assert done.returncode == 2 and message in done.stderr, done.stderr

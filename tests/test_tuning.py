@@ -16,6 +16,7 @@ from models import targets, tvm_backend
 from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
 from models.tuning import SHIPPED, TuningDatabase, TuningKey
+from tests.conftest import run_cli
 
 
 def test_tuning_key_separates_targets_and_versions() -> None:
@@ -123,3 +124,12 @@ def test_ship_keeps_the_best_record_of_each_workload(tmp_path: Path) -> None:
     kept = gzip.decompress((out / f"{tvm_backend.RECORDS_FILE}.gz").read_bytes()).decode()
     assert [json.loads(line)[1][0] for line in kept.splitlines()] == [["trace b"], ["trace c"]]
     assert TuningDatabase(tmp_path / "elsewhere", tmp_path / "shipped").record_count(key) == 2
+
+
+def test_ship_names_what_is_missing(zoo_model: Callable[[str], Path], tmp_path: Path) -> None:
+    missing = run_cli("models.tuning", "ship", str(tmp_path / "no.onnx"), cwd=tmp_path)
+    assert missing.returncode == 1 and "no.onnx: no such file" in missing.stderr
+    model = str(zoo_model("tiny_cnn"))
+    untuned = run_cli("models.tuning", "ship", model, str(tmp_path / "db"), cwd=tmp_path)
+    assert untuned.returncode == 1 and "no tuning records for" in untuned.stderr
+    assert "--tune-trials N" in untuned.stderr and not (tmp_path / "db").exists()
