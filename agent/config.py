@@ -95,6 +95,7 @@ class BuildConfig:
     builder_id: str = ""
     default_target: str = "x86_64"
     tuning_db: Path = Path(".boost/tuning")
+    tune_minutes: float = field(default=10.0, metadata=_bounded(0))
     serve: ServeConfig = ServeConfig()
     # "" = the local broker that `boost-build serve` starts on [build.serve] broker_port.
     mqtt: MqttConfig = MqttConfig(url="")

@@ -49,6 +49,7 @@ def build_engines(
     tuning_db: Path,
     signing_key: Path,
     trials: int = 0,
+    tune_minutes: float = 0.0,
     inputs: Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[dict[str, Path], int]:
@@ -63,7 +64,13 @@ def build_engines(
         builds[engine] = result.artifact
         return result.tuning_records
 
-    cpu = CompileRequest(model=model, target="x86_64", trials=trials, output=work / "tvm.boost")
+    cpu = CompileRequest(
+        model=model,
+        target="x86_64",
+        trials=trials,
+        tune_minutes=tune_minutes,
+        output=work / "tvm.boost",
+    )
     records = compile_for(TVM, cpu)
     if records:
         plain = CompileRequest(

@@ -63,12 +63,21 @@ def cmd_targets(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _tuning(args: argparse.Namespace, config: Config) -> tuple[int, float]:
+    """Trials and minutes of tuning: ``--tune-trials N``, else the bounded default."""
+    if args.tune_trials is None:
+        return 0, config.build.tune_minutes
+    return args.tune_trials, 0.0
+
+
 def cmd_compile(args: argparse.Namespace, config: Config) -> int:
+    trials, minutes = _tuning(args, config)
     request = CompileRequest(
         model=args.model,
         target=args.target or config.build.default_target,
         board=args.board,
-        trials=args.tune_trials,
+        trials=trials,
+        tune_minutes=minutes,
         output=args.output,
         name=args.name,
         version=args.model_version,
@@ -374,7 +383,7 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
             work,
             config.build.tuning_db,
             key,
-            args.tune_trials,
+            *_tuning(args, config),
             args.inputs,
             Progress(),
         )
@@ -423,9 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tune-trials",
         type=int,
-        default=0,
         metavar="N",
-        help="MetaSchedule trials (x86_64); 0 applies stored records only",
+        help="MetaSchedule trials over every kernel (x86_64); 0 applies stored records only "
+        "(default: tune the kernels without records for at most [build] tune_minutes)",
     )
     p.add_argument(
         "-o", "--output", type=Path, help="artifact path (default: NAME-VERSION-TARGET.boost)"
@@ -465,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runs", type=_positive, default=50, help="timed runs per engine (default: 50)")
     p.add_argument(
-        "--tune-trials", type=int, default=0, metavar="N", help="tune the tvm build first"
+        "--tune-trials",
+        type=int,
+        metavar="N",
+        help="tune the tvm build first, as compile does",
     )
     p.add_argument("--inputs", type=Path, help=".npz of input batches (calibration for vta)")
     p.add_argument(

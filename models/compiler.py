@@ -60,6 +60,9 @@ class CompileRequest:
     #: --target vta: the FPGA board whose bitstream the build carries (default: --board, when
     #: it is an FPGA board).
     fpga: str | None = None
+    #: x86_64: tune the kernels that have no tuning record yet for at most this long (the
+    #: bounded default of ``boost-build compile``, ``[build] tune_minutes``).
+    tune_minutes: float = 0.0
     #: Apply the tuning records of the model and target (the user's database, else the shipped
     #: ones); False builds without any (what an untuned build costs).
     tuned: bool = True
@@ -162,6 +165,8 @@ def compile_model(
     compiler = spec.check_compiler()
     if request.trials < 0:
         raise BoostError(f"--tune-trials must be 0 or more, got {request.trials}")
+    if request.tune_minutes < 0:
+        raise BoostError(f"the tuning time must be 0 minutes or more, got {request.tune_minutes}")
     if request.trials and spec.name != "x86_64":
         raise BoostError(
             f"tuning measures candidates on this machine, so it runs for x86_64 only; build "
@@ -180,7 +185,9 @@ def compile_model(
     keyed = {**target_dict, "accelerator": spec.accelerator} if spec.accelerator else target_dict
     tuning_key = TuningKey(digest, keyed, tvm_backend.version())
     existing = tuning.record_count(tuning_key) if request.tuned else 0
-    tuning_dir = tuning.prepare(tuning_key) if request.trials or existing else None
+    # Tuning measures candidates on this machine: the bounded default tunes host builds only.
+    minutes = request.tune_minutes if request.tuned and spec.name == "x86_64" else 0.0
+    tuning_dir = tuning.prepare(tuning_key) if request.trials or minutes or existing else None
 
     with progress.stage(f"import {request.model.name}"):
         mod = tvm_backend.import_onnx(model, str(request.model))
@@ -198,10 +205,14 @@ def compile_model(
             label += f", applying {existing} tuning records"
         if request.trials:
             with progress.counter("tune", request.trials) as on_trials:
-                mod = tvm_backend.optimize(mod, target_dict, tuning_dir, request.trials, on_trials)
+                mod = tvm_backend.optimize(
+                    mod, target_dict, tuning_dir, request.trials, on_trials=on_trials
+                )
         else:
+            if minutes:
+                label += f", tuning kernels without records for at most {minutes:g} min"
             with progress.stage(label):
-                mod = tvm_backend.optimize(mod, target_dict, tuning_dir, 0)
+                mod = tvm_backend.optimize(mod, target_dict, tuning_dir, minutes=minutes)
         with progress.stage("build"):
             executable = tvm_backend.build(mod, target_dict)
         with progress.stage(f"export with {spec.compiler}"):
@@ -221,6 +232,7 @@ def compile_model(
         golden.update({f"output:{i}": v for i, v in enumerate(outputs)})
         np.savez(work / GOLDEN, **golden)
         output_names = [o.name for o in model.graph.output]
+        records = tuning.record_count(tuning_key) if tuning_dir else 0
         scale = max(1.0, *(float(np.abs(o).max()) for o in outputs))
         files.update({LIBRARY: work / LIBRARY, GOLDEN: work / GOLDEN})
         manifest = Manifest(
@@ -252,8 +264,8 @@ def compile_model(
             },
             tuning={
                 "key": tuning_key.digest,
-                "records": tuning.record_count(tuning_key) if tuning_dir else 0,
-                "trials_this_build": request.trials,
+                "records": records,
+                "trials_this_build": records - existing,
             },
             quantization=quantization,
             bitstream=bitstream,

@@ -215,6 +215,7 @@ class Worker:
                 output=out,
                 name=waiting[0].name,
                 version=f"src-{sha256[:12]}",
+                tune_minutes=self.config.tune_minutes,
             ),
             self.config.tuning_db,
             self.config.signing_key,

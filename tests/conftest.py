@@ -195,7 +195,7 @@ def workers(
         root.mkdir()
         (root / "deploy.toml").write_text(
             f'[build]\nstore_dir = "{store.store.root}"\nsigning_key = "{keys[0]}"\n'
-            f'tuning_db = "{tmp_path / "tuning"}"\n'
+            f'tuning_db = "{tmp_path / "tuning"}"\ntune_minutes = 0\n'
             f'[build.serve]\npublic_url = "{store.url}"\n[build.mqtt]\nurl = "{broker.url}"\n'
         )
         with open(root / "worker.log", "wb") as log:

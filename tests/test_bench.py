@@ -22,6 +22,7 @@ def test_boost_build_bench_compares_the_engines_of_a_model(
     done = run_cli(
         "models.cli", "bench", str(model), "--target", "vta", "--inputs",
         str(model.with_suffix(".npz")), "--threads", "1,2", "--runs", "5", "--json", str(out),
+        "--tune-trials", "0",
         cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from agent.artifact import load_public_key, open_artifact
 from agent.runtime import TvmRuntime, golden_check
@@ -65,6 +68,71 @@ def test_second_compile_reuses_tuning_records(
     assert untuned["records"] == 0
     # The records change the generated code; reusing them reproduces the tuned build's kernels.
     assert untuned_lib.read_bytes() != reused_lib.read_bytes()
+
+
+def two_layer_mlp(path: Path) -> Path:
+    """x(1, 64) -> dense 64x32 + relu -> dense 32x10: two kernels to tune, quickly."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("w1", (64, 32)), ("w2", (32, 10)))
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what ONNX Runtime reads
+    onnx.save(model, path)
+    return path
+
+
+def test_bounded_tuning_tunes_the_kernels_without_records(
+    keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The default of ``boost-build compile``: every kernel gets one round of candidates even
+    when the time is up at once, the build applies them, and a later compile tunes only the
+    kernels that still have no record."""
+    model = two_layer_mlp(tmp_path / "mlp.onnx")
+    db = tmp_path / "tuning"
+
+    def compile_bounded(out: str) -> dict[str, int]:
+        request = CompileRequest(
+            model=model, target="x86_64", tune_minutes=0.001, output=tmp_path / out
+        )
+        result = compile_model(request, db, keys[0], "test", Progress(False))
+        verified = open_artifact(result.artifact, [load_public_key(keys[1])], tmp_path / out[:-6])
+        m = verified.manifest
+        loaded = TvmRuntime().load(verified.path(m.library), m.inputs, m.outputs)
+        report = golden_check(loaded, verified.path(m.golden.file), m.golden.rtol, m.golden.atol)
+        assert report.passed, report.describe()
+        return {k: int(v) for k, v in result.manifest.tuning.items() if k != "key"}
+
+    first = compile_bounded("first.boost")
+    records_file = next(db.iterdir()) / tvm_backend.RECORDS_FILE
+    lines = records_file.read_text().splitlines()
+    workloads = {json.loads(line)[0] for line in lines}
+    assert first["trials_this_build"] == first["records"] == len(lines) > 0
+    assert len(workloads) == 2, "one round of candidates for each of the two dense kernels"
+    assert compile_bounded("again.boost")["trials_this_build"] == 0
+
+    forgotten = max(workloads)
+    records_file.write_text(
+        "".join(line + "\n" for line in lines if json.loads(line)[0] != forgotten)
+    )
+    kept = len(records_file.read_text().splitlines())
+    third = compile_bounded("third.boost")
+    added = records_file.read_text().splitlines()[kept:]
+    assert third["trials_this_build"] == len(added) > 0
+    assert {json.loads(line)[0] for line in added} == {forgotten}
 
 
 def test_shipped_records_are_the_fallback_and_tuning_adds_to_a_copy(tmp_path: Path) -> None:
