@@ -148,7 +148,10 @@ def _tune(mod: Any, target: Any, tuning_dir: Path, trials: int, minutes: float) 
 
     tasks = ms.relax_integration.extract_tasks(mod, target)
     if trials:
-        per_task, per_round, deadline = max(1, trials // 8), 64, None
+        # One round for every kernel first (a kernel left without a record stays unscheduled),
+        # then the rest of the trials where the task scheduler expects the most gain.
+        per_round = max(1, min(64, trials // max(1, len(tasks))))
+        per_task, deadline = trials, None
     else:
         database = ms.database.JSONDatabase(work_dir=str(tuning_dir))
         tasks = [
