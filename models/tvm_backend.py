@@ -122,17 +122,20 @@ def optimize(
         mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
         if trials or minutes:
             stop = threading.Event()
-            watcher = threading.Thread(
-                target=_watch_records,
-                args=(tuning_dir / RECORDS_FILE, on_trials or (lambda _: None), stop),
-                daemon=True,
-            )
-            watcher.start()
+            watcher = None
+            if on_trials is not None:
+                watcher = threading.Thread(
+                    target=_watch_records,
+                    args=(tuning_dir / RECORDS_FILE, on_trials, stop),
+                    daemon=True,
+                )
+                watcher.start()
             try:
                 _tune(mod, tvm_target, tuning_dir, trials, minutes)
             finally:
                 stop.set()
-                watcher.join()
+                if watcher is not None:
+                    watcher.join()
         return tvm.transform.Sequential(
             [
                 relax.transform.MetaScheduleApplyDatabase(str(tuning_dir)),
@@ -147,22 +150,24 @@ def _tune(mod: Any, target: Any, tuning_dir: Path, trials: int, minutes: float) 
     from tvm.s_tir import meta_schedule as ms
 
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    if trials:
-        # One round for every kernel first (a kernel left without a record stays unscheduled),
-        # then the rest of the trials where the task scheduler expects the most gain.
-        per_round = max(1, min(64, trials // max(1, len(tasks))))
-        per_task, deadline = trials, None
-    else:
+    callbacks = list(ms.MeasureCallback.create("default"))
+    if not trials:
         database = ms.database.JSONDatabase(work_dir=str(tuning_dir))
         tasks = [
             task
             for task in tasks
             if database.query_tuning_record(task.dispatched[0], target, "main") is None
         ]
-        per_task, per_round = KERNEL_TRIALS, ROUND_TRIALS
-        trials, deadline = per_task * len(tasks), time.monotonic() + 60 * minutes
     if not tasks:
         return
+    if trials:
+        # One round for every kernel first (a kernel left without a record stays unscheduled),
+        # then the rest of the trials where the task scheduler expects the most gain.
+        per_task, per_round = trials, max(1, min(64, trials // len(tasks)))
+    else:
+        per_task, per_round = KERNEL_TRIALS, ROUND_TRIALS
+        trials = per_task * len(tasks)
+        callbacks.append(_deadline(time.monotonic() + 60 * minutes))
     log.info("tuning %d kernels: %d trials at most", len(tasks), trials)
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         tasks, work_dir=str(tuning_dir)
@@ -175,11 +180,11 @@ def _tune(mod: Any, target: Any, tuning_dir: Path, trials: int, minutes: float) 
         max_trials_per_task=per_task,
         num_trials_per_iter=per_round,
         builder=_builder(),
-        measure_callbacks=[*ms.MeasureCallback.create("default"), _deadline(deadline)],
+        measure_callbacks=callbacks,
     )
 
 
-def _deadline(at: float | None) -> Any:
+def _deadline(at: float) -> Any:
     """A measure callback that ends every task once ``time.monotonic()`` passes ``at``."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -187,7 +192,7 @@ def _deadline(at: float | None) -> Any:
     @derived_object
     class Deadline(PyMeasureCallback):  # type: ignore[misc]
         def apply(self, task_scheduler: Any, *_: Any) -> None:
-            if at is not None and time.monotonic() > at:
+            if time.monotonic() > at:
                 for task_id, task in enumerate(task_scheduler.tasks_):
                     if not task.is_terminated:
                         task_scheduler.terminate_task(task_id)
