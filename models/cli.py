@@ -100,6 +100,8 @@ def cmd_compile(args: argparse.Namespace, config: Config) -> int:
         f"({manifest.target.tvm_target.get('mcpu', 'generic')}), "
         f"{result.tuning_records} tuning records, {result.seconds:.1f} s"
     )
+    if untuned := manifest.tuning["untuned_kernels"]:
+        print(f"{untuned} kernels have no tuning record and run TVM's default schedule")
     if manifest.bitstream is not None:
         ref = manifest.bitstream
         print(f"bitstream: {ref.board} {ref.design} ({ref.sha256[:12]}, {ref.size} bytes)")

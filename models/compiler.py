@@ -63,7 +63,7 @@ class CompileRequest:
     #: x86_64: tune the kernels that have no tuning record yet for at most this long (the
     #: bounded default of ``boost-build compile``, ``[build] tune_minutes``).
     tune_minutes: float = 0.0
-    #: Apply the tuning records of the model and target (the user's database, else the shipped
+    #: Apply the tuning records of the model and target (the user's database and the shipped
     #: ones); False builds without any (what an untuned build costs).
     tuned: bool = True
 
@@ -213,6 +213,7 @@ def compile_model(
                 label += f", tuning kernels without records for at most {minutes:g} min"
             with progress.stage(label):
                 mod = tvm_backend.optimize(mod, target_dict, tuning_dir, minutes=minutes)
+        untuned = len(tvm_backend.untuned_kernels(mod))
         with progress.stage("build"):
             executable = tvm_backend.build(mod, target_dict)
         with progress.stage(f"export with {spec.compiler}"):
@@ -266,6 +267,7 @@ def compile_model(
                 "key": tuning_key.digest,
                 "records": records,
                 "trials_this_build": records - existing,
+                "untuned_kernels": untuned,
             },
             quantization=quantization,
             bitstream=bitstream,

@@ -5,10 +5,10 @@ directory of its own; ``key.json`` in it says what the key is. A later compile w
 applies the records without tuning again.
 
 ``models/tuning_records/`` ships records made the same way for the zoo models on the CPU classes
-their ``key.json`` names: the best record of each workload, gzipped. A compile whose key has no
-records in the user's database starts from the shipped ones (copied in, so tuning further adds to
-them). ``python -m models.tuning ship MODEL.onnx`` puts the user's records of a model for this
-machine's x86_64 target there.
+their ``key.json`` names: the best record of each workload, gzipped. A compile adds those its key
+has to the user's database (so tuning further adds to them); MetaSchedule applies the fastest
+record of each workload. ``python -m models.tuning ship MODEL.onnx`` puts the user's records of
+a model for this machine's x86_64 target there.
 """
 
 from __future__ import annotations
@@ -57,21 +57,48 @@ class TuningDatabase:
         return self.root / key.digest
 
     def record_count(self, key: TuningKey) -> int:
-        """Records for ``key``: the user's, else the shipped ones."""
-        return len(_lines(self.directory(key) / RECORDS_FILE)) or len(
-            _lines(self._shipped(key, RECORDS_FILE))
-        )
+        """Records for ``key``: the user's, and the shipped ones the user's lack."""
+        return len(_lines(self.directory(key) / RECORDS_FILE)) + len(self._missing(key)[1])
 
     def prepare(self, key: TuningKey) -> Path:
-        """The directory MetaSchedule tunes into, created with its ``key.json`` and, when it has
-        no records yet, the shipped records of the key."""
+        """The directory MetaSchedule tunes into, created with its ``key.json`` and given the
+        shipped records it lacks: MetaSchedule applies the fastest record of each workload, and
+        tuning further adds to them."""
         directory = self.directory(key)
         directory.mkdir(parents=True, exist_ok=True)
-        if not _lines(directory / RECORDS_FILE) and _lines(self._shipped(key, RECORDS_FILE)):
-            for name in (WORKLOADS_FILE, RECORDS_FILE):
-                (directory / name).write_bytes(_read(self._shipped(key, name)))
+        for name, lines in zip((WORKLOADS_FILE, RECORDS_FILE), self._missing(key), strict=True):
+            if lines:
+                with (directory / name).open("ab") as out:
+                    out.write(b"".join(line + b"\n" for line in lines))
         (directory / "key.json").write_text(key.as_json() + "\n")
         return directory
+
+    def _missing(self, key: TuningKey) -> tuple[list[bytes], list[bytes]]:
+        """The shipped workloads and records that the user's records of ``key`` lack, numbered
+        after the user's workloads."""
+        shipped = _lines(self._shipped(key, RECORDS_FILE))
+        if not shipped:
+            return [], []
+        directory = self.directory(key)
+        hashes = [_workload_hash(line) for line in _lines(directory / WORKLOADS_FILE)]
+        present = set()
+        for line in _lines(directory / RECORDS_FILE):
+            n, record = json.loads(line)
+            present.add((hashes[n], json.dumps(record, sort_keys=True)))
+        number = {workload: n for n, workload in enumerate(hashes)}
+        shipped_workloads = _lines(self._shipped(key, WORKLOADS_FILE))
+        workloads: list[bytes] = []
+        records: list[bytes] = []
+        for line in shipped:
+            n, record = json.loads(line)
+            workload = _workload_hash(shipped_workloads[n])
+            if (workload, json.dumps(record, sort_keys=True)) in present:
+                continue
+            if workload not in number:
+                number[workload] = len(hashes) + len(workloads)
+                workloads.append(shipped_workloads[n])
+            records.append(json.dumps([number[workload], record]).encode())
+        return workloads, records
 
     def ship(self, key: TuningKey) -> Path:
         """Put the best record of each workload of ``key`` among the shipped records."""
@@ -103,6 +130,11 @@ class TuningDatabase:
 def _read(path: Path) -> bytes:
     data = path.read_bytes()
     return gzip.decompress(data) if path.suffix == ".gz" else data
+
+
+def _workload_hash(line: bytes) -> str:
+    """A workload's structural hash, the first field of its line, which MetaSchedule matches."""
+    return str(json.loads(line)[0])
 
 
 def _lines(path: Path) -> list[bytes]:

@@ -139,14 +139,6 @@ def _const(expr: Any, graph: _Graph) -> np.ndarray | None:
         return np.asarray(expr.value.numpy())
     if expr in graph.value:
         return _const(graph.value[expr], graph)
-    if _op(expr) == "relax.isnan":
-        inner = _const(expr.args[0], graph)
-        return None if inner is None else np.isnan(inner)
-    if _op(expr) == "relax.where":
-        cond, a, b = (_const(arg, graph) for arg in expr.args)
-        if cond is None or a is None or b is None:
-            return None
-        return np.asarray(np.where(cond, a, b))
     if _op(expr) == "relax.permute_dims":
         inner = _const(expr.args[0], graph)
         if inner is not None:
@@ -261,26 +253,23 @@ def _extend(graph: _Graph, layer: Layer, claimed: set[Any]) -> None:
         layer.before_residual = var
 
 
-def _tir_bound(call: Any, name: str, var: Any, graph: _Graph) -> float | None:
-    """The scalar bound of ``call_tir(name..., (var, bound))``, how the frontend imports Clip."""
-    if _op(call) != "relax.call_tir" or not str(call.args[0].name_hint).startswith(name):
+def _bound(call: Any, op: str, var: Any, graph: _Graph) -> float | None:
+    """The scalar bound of ``op(var, bound)``: Clip imports as a maximum and a minimum."""
+    if _op(call) != op or not call.args[0].same_as(var):
         return None
-    fields = list(call.args[1].fields)
-    if len(fields) != 2 or not fields[0].same_as(var):
-        return None
-    bound = _const(fields[1], graph)
+    bound = _const(call.args[1], graph)
     return None if bound is None or bound.size != 1 else float(bound.reshape(-1)[0])
 
 
 def _relu6(graph: _Graph, var: Any, lower: Any, call: Any) -> tuple[Any, float] | None:
     """(end var, upper bound) of a clip of ``var`` to [0, hi] (ReLU6 and the like): ``lower``
     is the var of ``call``, the maximum with 0."""
-    if _tir_bound(call, "maximum", var, graph) != 0.0:
+    if _bound(call, "relax.maximum", var, graph) != 0.0:
         return None
     upper = graph.only_user(lower)
     if upper is None:
         return None
-    hi = _tir_bound(upper[1], "minimum", lower, graph)
+    hi = _bound(upper[1], "relax.minimum", lower, graph)
     return None if hi is None or hi <= 0 else (upper[0], hi)
 
 
@@ -419,7 +408,7 @@ def calibrate(
             maxima = [bb.emit(relax.op.max(relax.op.abs(v))) for v in variables]
             out = bb.emit_output(relax.Tuple(maxima))
         bb.emit_func_output(out)
-    # The same module with this main: the frontend's own TIR functions (Clip's) come along.
+    # The same module with this main: the frontend's own TIR functions come along.
     module = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     module.update_func(module.get_global_var("main"), bb.get()["main"])
     executable = tvm.compile(module, tvm.target.Target(target))

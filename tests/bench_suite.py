@@ -79,7 +79,7 @@ def cpu_figures(quick: bool) -> list[Figure]:
     latency.notes.append(
         "same input, same thread count (TVM_NUM_THREADS, ORT intra_op_num_threads), the runs of "
         "both engines interleaved; the build is what compile makes by default: it applies the "
-        "tuning records for the model and this CPU (the user's database, else the shipped "
+        "tuning records for the model and this CPU (the user's database and the shipped "
         "ones) and tunes the kernels without any; untuned: the same build without records"
     )
     layers.notes.append(

@@ -56,7 +56,12 @@ def test_second_compile_reuses_tuning_records(
     assert key["tvm_version"] == tvm_backend.version()
 
     reused, reused_lib = compile_with(0, db, "reused.boost")
-    assert reused == {"key": tuned["key"], "records": records, "trials_this_build": 0}
+    assert reused == {
+        "key": tuned["key"],
+        "records": records,
+        "trials_this_build": 0,
+        "untuned_kernels": tuned["untuned_kernels"],
+    }
     assert (
         TuningDatabase(db).record_count(
             TuningKey(key["model_sha256"], key["target"], key["tvm_version"])
@@ -66,6 +71,7 @@ def test_second_compile_reuses_tuning_records(
 
     untuned, untuned_lib = compile_with(0, tmp_path / "empty-db", "untuned.boost")
     assert untuned["records"] == 0
+    assert untuned["untuned_kernels"] > reused["untuned_kernels"]
     # The records change the generated code; reusing them reproduces the tuned build's kernels.
     assert untuned_lib.read_bytes() != reused_lib.read_bytes()
 
@@ -121,6 +127,7 @@ def test_bounded_tuning_tunes_the_kernels_without_records(
     lines = records_file.read_text().splitlines()
     workloads = {json.loads(line)[0] for line in lines}
     assert first["trials_this_build"] == first["records"] == len(lines) > 0
+    assert first["untuned_kernels"] == 0
     assert len(workloads) == 2, "one round of candidates for each of the two dense kernels"
     assert compile_bounded("again.boost")["trials_this_build"] == 0
 
@@ -135,22 +142,43 @@ def test_bounded_tuning_tunes_the_kernels_without_records(
     assert {json.loads(line)[0] for line in added} == {forgotten}
 
 
-def test_shipped_records_are_the_fallback_and_tuning_adds_to_a_copy(tmp_path: Path) -> None:
+def jsonl(*rows: object) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def test_shipped_records_join_the_users_once(tmp_path: Path) -> None:
     key = TuningKey("ab" * 32, targets.resolve("x86_64").tvm_dict(), "0.27.0")
     shipped = tmp_path / "shipped"
     (shipped / key.digest).mkdir(parents=True)
-    for name in (tvm_backend.WORKLOADS_FILE, tvm_backend.RECORDS_FILE):
-        (shipped / key.digest / f"{name}.gz").write_bytes(gzip.compress(b'{"a": 1}\n{"b": 2}\n'))
+    for name, text in (
+        (tvm_backend.WORKLOADS_FILE, jsonl(["h0", "conv"], ["h1", "dense"])),
+        (tvm_backend.RECORDS_FILE, jsonl([0, ["trace a"]], [1, ["trace b"]])),
+    ):
+        (shipped / key.digest / f"{name}.gz").write_bytes(gzip.compress(text.encode()))
     db = TuningDatabase(tmp_path / "user", shipped)
     assert db.record_count(key) == 2
     assert db.record_count(TuningKey("cd" * 32, key.target, key.tvm_version)) == 0
     directory = db.prepare(key)
-    copied = directory / tvm_backend.RECORDS_FILE
-    assert copied.read_text() == '{"a": 1}\n{"b": 2}\n'
-    copied.write_text('{"a": 1}\n{"b": 2}\n{"c": 3}\n')  # tuning further
-    assert db.record_count(key) == 3
-    db.prepare(key)  # the user's records are never replaced by the shipped ones
-    assert db.record_count(key) == 3
+    records = directory / tvm_backend.RECORDS_FILE
+    assert records.read_text() == jsonl([0, ["trace a"]], [1, ["trace b"]])
+    with records.open("a") as tuning_further:
+        tuning_further.write(jsonl([1, ["trace c"]]))
+    db.prepare(key)  # nothing shipped is added twice
+    assert db.record_count(key) == 3 == len(records.read_text().splitlines())
+
+    # A database with its own records, one of a workload the compile pipeline no longer makes:
+    # the shipped records join them, numbered by the user's workload file.
+    own = TuningDatabase(tmp_path / "own", shipped)
+    directory = own.directory(key)
+    directory.mkdir(parents=True)
+    (directory / tvm_backend.WORKLOADS_FILE).write_text(jsonl(["old", "x"], ["h1", "dense"]))
+    (directory / tvm_backend.RECORDS_FILE).write_text(jsonl([0, ["old"]], [1, ["mine"]]))
+    assert own.record_count(key) == 4
+    own.prepare(key)
+    workloads = (directory / tvm_backend.WORKLOADS_FILE).read_text()
+    assert workloads == jsonl(["old", "x"], ["h1", "dense"], ["h0", "conv"])
+    added = (directory / tvm_backend.RECORDS_FILE).read_text().splitlines()[2:]
+    assert [json.loads(line) for line in added] == [[2, ["trace a"]], [1, ["trace b"]]]
     shipped_records = shipped / key.digest / f"{tvm_backend.RECORDS_FILE}.gz"
     assert gzip.decompress(shipped_records.read_bytes()).count(b"\n") == 2
 
@@ -171,6 +199,7 @@ def test_zoo_models_compile_with_the_shipped_records_without_tuning(
     request = CompileRequest(model=model, target="x86_64", output=tmp_path / "a.boost")
     result = compile_model(request, tmp_path / "empty-db", keys[0], "test", Progress(False))
     assert result.manifest.tuning["trials_this_build"] == 0
+    assert result.manifest.tuning["untuned_kernels"] == 0, "records for every kernel"
     assert result.manifest.tuning["records"] == TuningDatabase(tmp_path / "x").record_count(key) > 0
     verified = open_artifact(result.artifact, [load_public_key(keys[1])], tmp_path / "unpacked")
     m = verified.manifest
@@ -184,10 +213,8 @@ def test_ship_keeps_the_best_record_of_each_workload(tmp_path: Path) -> None:
     db = TuningDatabase(tmp_path / "user", tmp_path / "shipped")
     directory = db.prepare(key)
     records = [[0, [["trace a"], [0.3, 0.5]]], [0, [["trace b"], [0.2]]], [1, [["trace c"], [1.0]]]]
-    (directory / tvm_backend.RECORDS_FILE).write_text(
-        "".join(json.dumps(r) + "\n" for r in records)
-    )
-    (directory / tvm_backend.WORKLOADS_FILE).write_text('"w0"\n"w1"\n')
+    (directory / tvm_backend.RECORDS_FILE).write_text(jsonl(*records))
+    (directory / tvm_backend.WORKLOADS_FILE).write_text(jsonl(["w0", "conv"], ["w1", "dense"]))
     out = db.ship(key)
     kept = gzip.decompress((out / f"{tvm_backend.RECORDS_FILE}.gz").read_bytes()).decode()
     assert [json.loads(line)[1][0] for line in kept.splitlines()] == [["trace b"], ["trace c"]]

@@ -1,0 +1,92 @@
+"""The CPU pipeline's import and graph rewrites: what they make of a model, and that it still
+computes what ONNX Runtime computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from models import tvm_backend
+
+NAN = float("nan")
+SHAPE = [1, 8, 6, 6]
+
+
+def conv_bn_clip_conv(opset: int, clip_inputs: list[str], **clip_attrs: float) -> onnx.ModelProto:
+    """conv -> batch norm -> Clip -> conv, with the Clip's bounds as given."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.normal(0, 0.5, (8, 8, 3, 3)),
+        "gamma": rng.uniform(0.5, 1.5, 8),
+        "beta": rng.normal(0, 0.5, 8),
+        "mean": rng.normal(0, 0.5, 8),
+        "var": rng.uniform(0.5, 1.5, 8),
+        "w2": rng.normal(0, 0.5, (8, 8, 1, 1)),
+        "lo": np.array(-1.0),
+        "hi": np.array(2.0),
+        "nan": np.array(NAN),
+    }
+    used = {"w1", "gamma", "beta", "mean", "var", "w2", *clip_inputs}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"]),
+            helper.make_node("Clip", ["b", *clip_inputs], ["r"], **clip_attrs),
+            helper.make_node("Conv", ["r", "w2"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)]
+        + [helper.make_tensor_value_info("bound", TensorProto.FLOAT, [])] * ("bound" in used),
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items() if k in used],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def kernels(model: onnx.ModelProto) -> list[str]:
+    mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), {"kind": "llvm"}, None)
+    return sorted(gv.name_hint for gv in mod.get_global_vars() if gv.name_hint != "main")
+
+
+def test_batch_norm_and_clip_fuse_into_a_channels_last_convolution() -> None:
+    names = kernels(conv_bn_clip_conv(13, ["lo", "hi"]))
+    # Only the graph's input and output change layout; the batch norm is in the weights.
+    assert sum(n.startswith("transpose") for n in names) == 2, names
+    assert [n for n in names if "maximum" in n] == ["fused_conv2d_add_maximum_minimum"], names
+
+
+@pytest.mark.parametrize(
+    "opset,clip_inputs,clip_attrs",
+    [
+        (13, ["lo", "hi"], {}),
+        (13, ["lo"], {}),
+        (13, ["", "hi"], {}),
+        (13, [], {}),
+        (13, ["nan", "hi"], {}),  # a NaN bound is no bound
+        (13, ["lo", "bound"], {}),  # a bound known at run time only: TVM's own import
+        (10, [], {"min": -1.0, "max": 2.0}),  # bounds as attributes before opset 11
+        (10, [], {"max": 2.0}),
+    ],
+)
+def test_the_pipeline_computes_what_onnx_runtime_does(
+    opset: int, clip_inputs: list[str], clip_attrs: dict[str, float]
+) -> None:
+    import tvm
+    from tvm import relax
+
+    model = conv_bn_clip_conv(opset, clip_inputs, **clip_attrs)
+    feeds = {"x": np.random.default_rng(1).normal(0, 2, SHAPE).astype(np.float32)}
+    if "bound" in clip_inputs:
+        feeds["bound"] = np.array(1.5, np.float32)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    target = {"kind": "llvm"}
+    mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, None)
+    vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target(target)), tvm.cpu())
+    got = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values())).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
