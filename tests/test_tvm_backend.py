@@ -87,6 +87,6 @@ def test_the_pipeline_computes_what_onnx_runtime_does(
     expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
     target = {"kind": "llvm"}
     mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, None)
-    vm = relax.VirtualMachine(tvm.compile(mod, tvm.target.Target(target)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
     got = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values())).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
