@@ -100,25 +100,35 @@ class TuningDatabase:
             records.append(json.dumps([number[workload], record]).encode())
         return workloads, records
 
-    def ship(self, key: TuningKey) -> Path:
-        """Put the best record of each workload of ``key`` among the shipped records."""
-        records = _lines(self.directory(key) / RECORDS_FILE)
+    def ship(self, key: TuningKey, workloads: set[str]) -> Path:
+        """Put the best record of each of ``workloads`` (structural hashes: the kernels the
+        model compiles to now) among the shipped records of ``key``."""
+        directory = self.directory(key)
+        records = _lines(directory / RECORDS_FILE)
         if not records:
             raise BoostError(
                 f"no tuning records for {key.as_json()} in {self.root}: tune first "
                 "(boost-build compile MODEL --tune-trials N)"
             )
-        best: dict[int, tuple[float, bytes]] = {}
+        lines = _lines(directory / WORKLOADS_FILE)
+        hashes = [_workload_hash(line) for line in lines]
+        best: dict[int, tuple[float, list[Any]]] = {}
         for line in records:
-            workload, (_, run_secs, *_) = json.loads(line)
+            workload, record = json.loads(line)
+            run_secs = record[1]
             seconds = sum(run_secs) / len(run_secs) if run_secs else float("inf")
-            if workload not in best or seconds < best[workload][0]:
-                best[workload] = (seconds, line)
+            if hashes[workload] in workloads and (
+                workload not in best or seconds < best[workload][0]
+            ):
+                best[workload] = (seconds, record)
+        order = sorted(best, key=lambda workload: best[workload][0])
+        kept_workloads = b"".join(lines[workload] + b"\n" for workload in order)
+        kept = b"".join(
+            json.dumps([n, best[workload][1]]).encode() + b"\n" for n, workload in enumerate(order)
+        )
         out = self.shipped / key.digest
         out.mkdir(parents=True, exist_ok=True)
-        kept = b"".join(line + b"\n" for _, line in sorted(best.values()))
-        workloads = (self.directory(key) / WORKLOADS_FILE).read_bytes()
-        for name, data in ((RECORDS_FILE, kept), (WORKLOADS_FILE, workloads)):
+        for name, data in ((RECORDS_FILE, kept), (WORKLOADS_FILE, kept_workloads)):
             (out / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
         (out / "key.json").write_text(key.as_json() + "\n")
         return out
@@ -144,7 +154,8 @@ def _lines(path: Path) -> list[bytes]:
 
 
 def main(argv: list[str]) -> int:
-    """``ship MODEL.onnx [TUNING_DB]``: ship the records of MODEL for this machine's x86_64."""
+    """``ship MODEL.onnx [TUNING_DB]``: ship the records of MODEL's kernels for this machine's
+    x86_64."""
     from models import targets, tvm_backend
     from models.compiler import load_onnx
 
@@ -153,9 +164,11 @@ def main(argv: list[str]) -> int:
         return 2
     root = Path(argv[2]) if len(argv) == 3 else Path(".boost/tuning")
     try:
-        _, digest = load_onnx(Path(argv[1]))
-        key = TuningKey(digest, targets.resolve("x86_64").tvm_dict(), tvm_backend.version())
-        out = TuningDatabase(root).ship(key)
+        model, digest = load_onnx(Path(argv[1]))
+        target = targets.resolve("x86_64").tvm_dict()
+        key = TuningKey(digest, target, tvm_backend.version())
+        used = tvm_backend.workload_hashes(tvm_backend.import_onnx(model, argv[1]), target)
+        out = TuningDatabase(root).ship(key, used)
     except BoostError as err:
         print(f"models.tuning: error: {err}", file=sys.stderr)
         return 1

@@ -208,16 +208,28 @@ def test_zoo_models_compile_with_the_shipped_records_without_tuning(
     assert report.passed, report.describe()
 
 
-def test_ship_keeps_the_best_record_of_each_workload(tmp_path: Path) -> None:
+def test_ship_keeps_the_best_record_of_each_workload_the_model_uses(tmp_path: Path) -> None:
     key = TuningKey("ab" * 32, targets.resolve("x86_64").tvm_dict(), "0.27.0")
     db = TuningDatabase(tmp_path / "user", tmp_path / "shipped")
     directory = db.prepare(key)
-    records = [[0, [["trace a"], [0.3, 0.5]]], [0, [["trace b"], [0.2]]], [1, [["trace c"], [1.0]]]]
+    records = [
+        [0, [["trace a"], [0.3, 0.5]]],
+        [1, [["trace old"], [0.1]]],
+        [2, [["trace c"], [1.0]]],
+        [0, [["trace b"], [0.2]]],
+    ]
     (directory / tvm_backend.RECORDS_FILE).write_text(jsonl(*records))
-    (directory / tvm_backend.WORKLOADS_FILE).write_text(jsonl(["w0", "conv"], ["w1", "dense"]))
-    out = db.ship(key)
+    (directory / tvm_backend.WORKLOADS_FILE).write_text(
+        jsonl(["w0", "conv"], ["gone", "a kernel the pipeline no longer makes"], ["w1", "dense"])
+    )
+    out = db.ship(key, {"w0", "w1"})
     kept = gzip.decompress((out / f"{tvm_backend.RECORDS_FILE}.gz").read_bytes()).decode()
-    assert [json.loads(line)[1][0] for line in kept.splitlines()] == [["trace b"], ["trace c"]]
+    assert [json.loads(line) for line in kept.splitlines()] == [
+        [0, [["trace b"], [0.2]]],
+        [1, [["trace c"], [1.0]]],
+    ]
+    workloads = gzip.decompress((out / f"{tvm_backend.WORKLOADS_FILE}.gz").read_bytes())
+    assert workloads.decode() == jsonl(["w0", "conv"], ["w1", "dense"])
     assert TuningDatabase(tmp_path / "elsewhere", tmp_path / "shipped").record_count(key) == 2
 
 

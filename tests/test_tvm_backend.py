@@ -90,3 +90,49 @@ def test_the_pipeline_computes_what_onnx_runtime_does(
     vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
     got = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values())).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def three_convs() -> onnx.ModelProto:
+    """32-channel 3x3 convolutions: stride 1 on 7x7 output tiles (Winograd's), stride 2, and
+    stride 1 on 4x4 tiles (too few)."""
+    rng = np.random.default_rng(2)
+    weights = {"w1": (32, 32), "w2": (32, 32), "w3": (32, 32)}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("Conv", ["r", "w2"], ["b"], pads=[1, 1, 1, 1], strides=[2, 2]),
+            helper.make_node("Conv", ["b", "w3"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 28, 26])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 14, 13])],
+        [
+            numpy_helper.from_array(rng.normal(0, 0.1, (o, i, 3, 3)).astype(np.float32), k)
+            for k, (o, i) in weights.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_stride_one_convolutions_with_enough_channels_run_winograd() -> None:
+    import tvm
+    from tvm import relax
+
+    model = three_convs()
+    names = kernels(model)
+    assert [n for n in names if "conv2d" in n] == [
+        "conv2d",
+        "conv2d1",
+        "fused_conv2d_winograd_relu",
+    ], names
+    feeds = {"x": np.random.default_rng(3).normal(0, 1, [1, 32, 28, 26]).astype(np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    target = {"kind": "llvm"}
+    mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, None)
+    vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(feeds["x"])).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
