@@ -273,6 +273,20 @@ def _winograd(bb: Any, data: Any, weight: Any, padding: list[int]) -> Any:
             name="kernel_pack",
         )
 
+    def tile_transform(x: Any, matrix: Any, size: int, channels: int, name: str) -> Any:
+        """Each tile of ``x`` multiplied by ``matrix`` on both sides (matrix^T x matrix): the
+        input tiles' transform (``data_pack``) or the products' (``inverse``), scheduled by
+        MetaSchedule's Winograd rule of that name."""
+        ra, rb = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
+        return te.compute(
+            (size, size, tiles, channels),
+            lambda i, j, p, c: te.sum(
+                x[ra, rb, p, c] * matrix[ra, i] * matrix[rb, j], axis=[ra, rb]
+            ),
+            name=name,
+            attrs={"schedule_rule": f"conv2d_nhwc_winograd_{name}"},
+        )
+
     def conv(data: Any, kernel_pack: Any) -> Any:
         # Pad to whole tiles: the last tile's surplus outputs are computed and dropped.
         data_pad = topi.nn.pad(
@@ -290,15 +304,7 @@ def _winograd(bb: Any, data: Any, weight: Any, padding: list[int]) -> Any:
             name="input_tile",
             attrs={"schedule_rule": "None"},
         )
-        ra, rb = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-        data_pack = te.compute(
-            (alpha, alpha, tiles, ci),
-            lambda e, v, p, c: te.sum(
-                input_tile[ra, rb, p, c] * b_mat[ra, e] * b_mat[rb, v], axis=[ra, rb]
-            ),
-            name="data_pack",
-            attrs={"schedule_rule": "conv2d_nhwc_winograd_data_pack"},
-        )
+        data_pack = tile_transform(input_tile, b_mat, alpha, ci, "data_pack")
         rc = te.reduce_axis((0, ci), "ci")
         bgemm = te.compute(
             (alpha, alpha, tiles, co),
@@ -309,15 +315,7 @@ def _winograd(bb: Any, data: Any, weight: Any, padding: list[int]) -> Any:
                 "meta_schedule.write_cache_level": [2],
             },
         )
-        ra, rb = te.reduce_axis((0, alpha), "r_a"), te.reduce_axis((0, alpha), "r_b")
-        inverse = te.compute(
-            (m, m, tiles, co),
-            lambda y, x, p, o: te.sum(
-                bgemm[ra, rb, p, o] * a_mat[ra, y] * a_mat[rb, x], axis=[ra, rb]
-            ),
-            name="inverse",
-            attrs={"schedule_rule": "conv2d_nhwc_winograd_inverse"},
-        )
+        inverse = tile_transform(bgemm, a_mat, m, co, "inverse")
         return te.compute(
             (n, out_h, out_w, co),
             lambda b, y, x, o: inverse[
