@@ -7,8 +7,8 @@ applies the records without tuning again.
 ``models/tuning_records/`` ships records made the same way for the zoo models on the CPU classes
 their ``key.json`` names: the best record of each workload, gzipped. A compile adds those its key
 has to the user's database (so tuning further adds to them); MetaSchedule applies the fastest
-record of each workload. ``python -m models.tuning ship MODEL.onnx`` puts the user's records of
-a model for this machine's x86_64 target there.
+record of each workload. ``python -m models.tuning ship MODEL.onnx`` puts the user's best record
+of each kernel the model compiles to now, for this machine's x86_64 target, there.
 """
 
 from __future__ import annotations
