@@ -100,8 +100,8 @@ class TuningDatabase:
             records.append(json.dumps([number[workload], record]).encode())
         return workloads, records
 
-    def ship(self, key: TuningKey, workloads: set[str]) -> Path:
-        """Put the best record of each of ``workloads`` (structural hashes: the kernels the
+    def ship(self, key: TuningKey, used: set[str]) -> Path:
+        """Put the best record of each workload in ``used`` (structural hashes: the kernels the
         model compiles to now) among the shipped records of ``key``."""
         directory = self.directory(key)
         records = _lines(directory / RECORDS_FILE)
@@ -117,9 +117,7 @@ class TuningDatabase:
             workload, record = json.loads(line)
             run_secs = record[1]
             seconds = sum(run_secs) / len(run_secs) if run_secs else float("inf")
-            if hashes[workload] in workloads and (
-                workload not in best or seconds < best[workload][0]
-            ):
+            if hashes[workload] in used and (workload not in best or seconds < best[workload][0]):
                 best[workload] = (seconds, record)
         order = sorted(best, key=lambda workload: best[workload][0])
         kept_workloads = b"".join(lines[workload] + b"\n" for workload in order)

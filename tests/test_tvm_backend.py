@@ -54,6 +54,17 @@ def kernels(model: onnx.ModelProto) -> list[str]:
     return sorted(gv.name_hint for gv in mod.get_global_vars() if gv.name_hint != "main")
 
 
+def run_untuned(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's first output, as the CPU pipeline's untuned build computes it."""
+    import tvm
+    from tvm import relax
+
+    target = {"kind": "llvm"}
+    mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, None)
+    vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
+    return vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values())).numpy()
+
+
 def test_batch_norm_and_clip_fuse_into_a_channels_last_convolution() -> None:
     names = kernels(conv_bn_clip_conv(13, ["lo", "hi"]))
     # Only the graph's input and output change layout; the batch norm is in the weights.
@@ -77,19 +88,12 @@ def test_batch_norm_and_clip_fuse_into_a_channels_last_convolution() -> None:
 def test_the_pipeline_computes_what_onnx_runtime_does(
     opset: int, clip_inputs: list[str], clip_attrs: dict[str, float]
 ) -> None:
-    import tvm
-    from tvm import relax
-
     model = conv_bn_clip_conv(opset, clip_inputs, **clip_attrs)
     feeds = {"x": np.random.default_rng(1).normal(0, 2, SHAPE).astype(np.float32)}
     if "bound" in clip_inputs:
         feeds["bound"] = np.array(1.5, np.float32)
     expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
-    target = {"kind": "llvm"}
-    mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, None)
-    vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
-    got = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values())).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_untuned(model, feeds), expected, rtol=1e-4, atol=1e-4)
 
 
 def three_convs() -> onnx.ModelProto:
@@ -119,9 +123,6 @@ def three_convs() -> onnx.ModelProto:
 
 
 def test_stride_one_convolutions_with_enough_channels_run_winograd() -> None:
-    import tvm
-    from tvm import relax
-
     model = three_convs()
     names = kernels(model)
     assert [n for n in names if "conv2d" in n] == [
@@ -131,8 +132,4 @@ def test_stride_one_convolutions_with_enough_channels_run_winograd() -> None:
     ], names
     feeds = {"x": np.random.default_rng(3).normal(0, 1, [1, 32, 28, 26]).astype(np.float32)}
     expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
-    target = {"kind": "llvm"}
-    mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, None)
-    vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(feeds["x"])).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_untuned(model, feeds), expected, rtol=1e-4, atol=1e-4)
