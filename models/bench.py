@@ -5,8 +5,9 @@ applied; with ``--tune-trials N`` tuned first); ``tvm-untuned``, the same build 
 (shown when the first had some); ``onnxruntime``; and with ``--target vta`` the VTA build with its
 layers on the simulator (``vta-sim``). Every engine runs the same input with the same threads
 (``TVM_NUM_THREADS`` and ONNX Runtime's ``intra_op_num_threads``), in a fresh process per thread
-count, the engines' runs interleaved round by round (each after a pause that lets the previous
-engine's spinning threads stop); latencies are percentiles over the runs.
+count. The engines take turns: runs back to back in blocks (``BLOCK_RUNS``), each block after a
+pause that lets the previous engine's spinning threads stop and a run that is not timed; latencies
+are percentiles over the runs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from models.progress import Progress
 
 TVM, ORT = CPU_ENGINE, ORT_ENGINE
 UNTUNED, VTA_SIM = "tvm-untuned", "vta-sim"
-SETTLE_S = 0.05
+#: Runs of one engine back to back, a block; the engines' blocks alternate. Before each block the
+#: engine runs once unmeasured, after a pause longer than the previous engine's thread pool keeps
+#: spinning (TVM's: about 70 ms after a run, measured here); a spinning pool would take a core
+#: from the engine being timed.
+BLOCK_RUNS = 5
+SETTLE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -189,18 +195,16 @@ def _time_engines(spec: dict[str, Any]) -> dict[str, Any]:
     session = _ort_session(spec["model"], spec["threads"])
     runners[ORT] = lambda f: session.run(None, f)
     samples: dict[str, list[float]] = {engine: [] for engine in runners}
-    for run in runners.values():
-        run(feeds)  # warm-up
-    for round_ in range(spec["runs"]):
+    for round_, done in enumerate(range(0, spec["runs"], BLOCK_RUNS)):
         order = list(runners)
         order = order[round_ % len(order) :] + order[: round_ % len(order)]
         for engine in order:
-            # The engine before leaves its thread pool spinning for a while; on a machine with
-            # as many cores as threads that would be charged to this one.
             time.sleep(SETTLE_S)
-            start = time.perf_counter()
             runners[engine](feeds)
-            samples[engine].append((time.perf_counter() - start) * 1e3)
+            for _ in range(min(BLOCK_RUNS, spec["runs"] - done)):
+                start = time.perf_counter()
+                runners[engine](feeds)
+                samples[engine].append((time.perf_counter() - start) * 1e3)
     latency = []
     for engine, s in samples.items():
         p50, p90, p99 = (round(float(np.percentile(s, q)), 4) for q in (50, 90, 99))

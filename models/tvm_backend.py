@@ -122,15 +122,15 @@ def _clip_bounds(inputs: Any, attrs: dict[str, Any], opset: int) -> list[float |
 #: stage). Measured with 64 trials on a 512-channel 7x7 layer: 198 GFLOPS against 60.
 CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 #: Winograd F(4x4, 3x3) for 3x3 stride-1 convolutions: 36 multiplications per 4x4 output tile,
-#: a quarter of the direct convolution's. Measured on a 56x56x64 layer, tuned 256 trials: 0.94
-#: ms against the direct convolution's 1.45 ms (128 trials); ResNet-18's 28x28x128 layers gain
-#: too (0.67 against 1.6 ms). The thresholds are reasoned, not measured: the tiles' transforms
-#: cost per channel what the products save, and the transformed weights (4x the weights) are
-#: read once per call for all tiles, so with few tiles (a ResNet's 14x14 and 7x7 stages: 9 and
-#: 38 MB of them) the call would mostly wait on memory.
+#: a quarter of the direct convolution's. Measured at tuning time, 256 trials per Winograd
+#: kernel: 56x56x64, 0.94 ms against the direct convolution's 1.45 (128 trials); 28x28x128,
+#: 0.67 against 1.6; 14x14x256 (16 tiles, 9 MB of transformed weights), 0.75-0.81 against
+#: 1.37-1.44 (192 trials or more), ResNet-18 as a whole 2-3% faster with it. The 7x7 stage (4
+#: tiles, 49 of their 64 outputs used, 38 MB of transformed weights read per call) stays
+#: direct: reasoned, not measured.
 WINOGRAD_TILE = 4
 WINOGRAD_MIN_CHANNELS = 32
-WINOGRAD_MIN_TILES = 49
+WINOGRAD_MIN_TILES = 16
 #: Bounded tuning (``minutes``): candidates a kernel gets per round, and at most in all. Every
 #: kernel gets its first round even when the time is up (an unscheduled kernel is far slower
 #: than any tuned one); the task scheduler spends what time is left where it gains the most.

@@ -77,10 +77,11 @@ def cpu_figures(quick: bool) -> list[Figure]:
                     ratio = tvm_ms / ort_ms if ort_ms else ""
                     layers.rows.append([name, kind, tvm_ms, ort_ms, ratio])
     latency.notes.append(
-        "same input, same thread count (TVM_NUM_THREADS, ORT intra_op_num_threads), the runs of "
-        "both engines interleaved; the build is what compile makes by default: it applies the "
-        "tuning records for the model and this CPU (the user's database and the shipped "
-        "ones) and tunes the kernels without any; untuned: the same build without records"
+        "same input, same thread count (TVM_NUM_THREADS, ORT intra_op_num_threads), the "
+        f"engines' runs back to back in alternating blocks of {bench.BLOCK_RUNS}; the build is "
+        "what compile makes by default: it applies the tuning records for the model and this "
+        "CPU (the user's database and the shipped ones) and tunes the kernels without any; "
+        "untuned: the same build without records"
     )
     layers.notes.append(
         "TVM: each kernel the VM calls, timed by the VM's instrument hook, grouped by its first "

@@ -97,8 +97,8 @@ def test_the_pipeline_computes_what_onnx_runtime_does(
 
 
 def three_convs() -> onnx.ModelProto:
-    """32-channel 3x3 convolutions: stride 1 on 7x7 output tiles (Winograd's), stride 2, and
-    stride 1 on 4x4 tiles (too few)."""
+    """32-channel 3x3 convolutions: stride 1 on 6x7 output tiles (Winograd's), stride 2, and
+    stride 1 on 3x4 tiles (too few)."""
     rng = np.random.default_rng(2)
     weights = {"w1": (32, 32), "w2": (32, 32), "w3": (32, 32)}
     graph = helper.make_graph(
@@ -109,8 +109,8 @@ def three_convs() -> onnx.ModelProto:
             helper.make_node("Conv", ["b", "w3"], ["y"], pads=[1, 1, 1, 1]),
         ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 28, 26])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 14, 13])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 24, 26])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 12, 13])],
         [
             numpy_helper.from_array(rng.normal(0, 0.1, (o, i, 3, 3)).astype(np.float32), k)
             for k, (o, i) in weights.items()
@@ -130,6 +130,6 @@ def test_stride_one_convolutions_with_enough_channels_run_winograd() -> None:
         "conv2d1",
         "fused_conv2d_winograd_relu",
     ], names
-    feeds = {"x": np.random.default_rng(3).normal(0, 1, [1, 32, 28, 26]).astype(np.float32)}
+    feeds = {"x": np.random.default_rng(3).normal(0, 1, [1, 32, 24, 26]).astype(np.float32)}
     expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
     np.testing.assert_allclose(run_untuned(model, feeds), expected, rtol=1e-4, atol=1e-4)
