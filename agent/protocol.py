@@ -280,6 +280,10 @@ def decode_tensor(name: str, raw: Any) -> np.ndarray:
             f"input {name!r}: {dtype}{shape} needs {count * np_dtype.itemsize} bytes, "
             f"got {len(raw_bytes)}",
         )
+    # numpy refuses a shape whose nonzero extents multiply past its index type, even when an
+    # extent of 0 makes it empty (and its data, 0 bytes, the right size)
+    if math.prod(d for d in shape if d) > np.iinfo(np.intp).max:
+        raise ProtocolError("bad-input", f"input {name!r}: shape {shape} is too large an array")
     return np.frombuffer(raw_bytes, np_dtype).astype(dtype).reshape(shape)
 
 

@@ -202,6 +202,10 @@ def test_tensor_round_trip_and_errors() -> None:
             {**good, "shape": [2**62, 2**62]},
             r"float32\[4611686018427387904, 4611686018427387904\] needs",
         ),
+        (
+            {**good, "shape": [2**62, 2**62, 0], "data": ""},
+            r"shape \[4611686018427387904, 4611686018427387904, 0\] is too large an array",
+        ),
         ({**good, "dtype": "object"}, "dtype 'object' is not one of"),
         ({**good, "data": "!!"}, "data is not base64"),
         ({**good, "data": base64.b64encode(b"123").decode()}, r"float32\[2\] needs 8 bytes, got 3"),
