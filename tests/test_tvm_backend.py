@@ -3,6 +3,9 @@ computes what ONNX Runtime computes."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -133,3 +136,98 @@ def test_stride_one_convolutions_with_enough_channels_run_winograd() -> None:
     feeds = {"x": np.random.default_rng(3).normal(0, 1, [1, 32, 24, 26]).astype(np.float32)}
     expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
     np.testing.assert_allclose(run_untuned(model, feeds), expected, rtol=1e-4, atol=1e-4)
+
+
+def mobile_blocks() -> onnx.ModelProto:
+    """MobileNet's and ResNet's cheap convolutions, on sizes that few tiles divide: a 1x1
+    expansion with ReLU6, a depthwise 3x3 with ReLU6, a 1x1 projection added to the block's
+    input; then a stride-2 depthwise 3x3 and 1x1, added to a stride-2 1x1 of the block's output
+    (ResNet's shortcut)."""
+    rng = np.random.default_rng(4)
+    weights = {
+        "we": (48, 16, 1, 1),
+        "wd": (48, 1, 3, 3),
+        "wp": (16, 48, 1, 1),
+        "wd2": (16, 1, 3, 3),
+        "wp2": (24, 16, 1, 1),
+        "ws": (24, 16, 1, 1),
+    }
+    inits = {k: rng.normal(0, 0.3, shape) for k, shape in weights.items()}
+    inits |= {f"b{k[1:]}": rng.normal(0, 0.3, shape[0]) for k, shape in weights.items()}
+    inits |= {"lo": np.array(0.0), "hi": np.array(6.0)}
+
+    def conv(x: str, w: str, y: str, **attrs: object) -> onnx.NodeProto:
+        return helper.make_node("Conv", [x, w, f"b{w[1:]}"], [y], **attrs)
+
+    graph = helper.make_graph(
+        [
+            conv("x", "we", "e"),
+            helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+            conv("e6", "wd", "d", pads=[1] * 4, group=48),
+            helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+            conv("d6", "wp", "p"),
+            helper.make_node("Add", ["p", "x"], ["block"]),
+            conv("block", "wd2", "d2", pads=[1] * 4, strides=[2, 2], group=16),
+            helper.make_node("Clip", ["d2", "lo", "hi"], ["d26"]),
+            conv("d26", "wp2", "p2"),
+            conv("block", "ws", "s", strides=[2, 2]),
+            helper.make_node("Add", ["p2", "s"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 27, 23])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24, 14, 12])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+MOBILE_FEEDS = {"x": np.random.default_rng(5).normal(0, 2, [1, 16, 27, 23]).astype(np.float32)}
+
+
+def test_depthwise_and_1x1_convolutions_compute_what_onnx_runtime_does() -> None:
+    model = mobile_blocks()
+    assert [n for n in kernels(model) if "conv2d" in n] == [
+        "fused_conv2d_depthwise1_add3_maximum1_minimum1",  # stride 2
+        "fused_conv2d_depthwise_add_maximum_minimum",
+        "fused_conv2d_pointwise1_add1_add2",  # the projection and the block's input
+        "fused_conv2d_pointwise2_add4_add5",  # the stride-2 1x1 and the shortcut
+        "fused_conv2d_pointwise3_add4",  # the shortcut
+        "fused_conv2d_pointwise_add_maximum_minimum",
+    ]
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, MOBILE_FEEDS)[0]
+    np.testing.assert_allclose(run_untuned(model, MOBILE_FEEDS), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_depthwise_and_1x1_convolutions_are_tuned_in_vectors_of_channels(tmp_path: Path) -> None:
+    """The search spaces of ``_schedule_depthwise`` and ``_schedule_pointwise``: whatever the
+    tuner picks, every loop nest's innermost loop is a vector of channels (the products', and
+    the bias', activation's and residual's after them), and the sums stay in registers (a
+    local buffer). The tuned build still computes what ONNX Runtime does."""
+    import tvm
+    from tvm import relax
+
+    model = mobile_blocks()
+    target = {"kind": "llvm", "mcpu": tvm_backend.host_cpu(), "num-cores": os.cpu_count()}
+    mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, tmp_path, trials=64)
+    assert tvm_backend.untuned_kernels(mod) == []
+    tuned = {
+        gv.name_hint: func.script()
+        for gv, func in mod.functions_items()
+        if gv.name_hint.startswith("fused_conv2d_") and gv.name_hint.endswith("prepacked")
+    }
+    assert len(tuned) == 6, sorted(tuned)
+    for name, script in tuned.items():
+        lines = script.splitlines()
+        blocks = [i for i, line in enumerate(lines) if line.lstrip().startswith("with T.sblock(")]
+        assert len(blocks) >= 3, (name, script)
+        for i in blocks:  # every block's innermost loop
+            assert "T.vectorized(" in lines[i - 1], (name, lines[i], script)
+        assert 'scope="local"' in script, (name, script)
+    vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(MOBILE_FEEDS["x"])).numpy()
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, MOBILE_FEEDS)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
