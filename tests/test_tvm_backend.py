@@ -3,7 +3,6 @@ computes what ONNX Runtime computes."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models import tvm_backend
+from models import targets, tvm_backend
 
 NAN = float("nan")
 SHAPE = [1, 8, 6, 6]
@@ -211,7 +210,7 @@ def test_depthwise_and_1x1_convolutions_are_tuned_in_vectors_of_channels(tmp_pat
     from tvm import relax
 
     model = mobile_blocks()
-    target = {"kind": "llvm", "mcpu": tvm_backend.host_cpu(), "num-cores": os.cpu_count()}
+    target = targets.resolve("x86_64").tvm_dict()
     mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, tmp_path, trials=64)
     assert tvm_backend.untuned_kernels(mod) == []
     tuned = {
