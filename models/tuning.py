@@ -7,8 +7,10 @@ applies the records without tuning again.
 ``models/tuning_records/`` ships records made the same way for the zoo models on the CPU classes
 their ``key.json`` names: the best record of each workload, gzipped. A compile adds those its key
 has to the user's database (so tuning further adds to them); MetaSchedule applies the fastest
-record of each workload. ``python -m models.tuning ship MODEL.onnx`` puts the user's best record
-of each kernel the model compiles to now, for this machine's x86_64 target, there.
+record of each workload. The shipped records of the same model and target on other CPUs are
+candidates (``CANDIDATES_DIR`` of the key's directory): tuning times them on this machine first
+(``tvm_backend``). ``python -m models.tuning ship MODEL.onnx`` puts the user's best record of each
+kernel the model compiles to now, for this machine's x86_64 target, there.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.errors import BoostError
-from models.tvm_backend import RECORDS_FILE, WORKLOADS_FILE
+from models.tvm_backend import CANDIDATES_DIR, RECORDS_FILE, WORKLOADS_FILE
 
 SHIPPED = Path(__file__).parent / "tuning_records"
 
@@ -58,47 +61,45 @@ class TuningDatabase:
 
     def record_count(self, key: TuningKey) -> int:
         """Records for ``key``: the user's, and the shipped ones the user's lack."""
-        return len(_lines(self.directory(key) / RECORDS_FILE)) + len(self._missing(key)[1])
+        directory = self.directory(key)
+        return len(_lines(directory / RECORDS_FILE)) + len(_new(directory, [self._shipped(key)])[1])
 
     def prepare(self, key: TuningKey) -> Path:
         """The directory MetaSchedule tunes into, created with its ``key.json`` and given the
         shipped records it lacks: MetaSchedule applies the fastest record of each workload, and
-        tuning further adds to them."""
+        tuning further adds to them. Its ``CANDIDATES_DIR`` holds the shipped records of the
+        same model and target made on other CPUs (none: no such directory)."""
         directory = self.directory(key)
         directory.mkdir(parents=True, exist_ok=True)
-        for name, lines in zip((WORKLOADS_FILE, RECORDS_FILE), self._missing(key), strict=True):
-            if lines:
-                with (directory / name).open("ab") as out:
-                    out.write(b"".join(line + b"\n" for line in lines))
+        _append(directory, _new(directory, [self._shipped(key)]))
+        candidates = directory / CANDIDATES_DIR
+        shutil.rmtree(candidates, ignore_errors=True)
+        others = [self._shipped(other) for other in self._other_cpus(key)]
+        if others:
+            candidates.mkdir()
+            _append(candidates, _new(candidates, others))
         (directory / "key.json").write_text(key.as_json() + "\n")
         return directory
 
-    def _missing(self, key: TuningKey) -> tuple[list[bytes], list[bytes]]:
-        """The shipped workloads and records that the user's records of ``key`` lack, numbered
-        after the user's workloads."""
-        shipped = _lines(self._shipped(key, RECORDS_FILE))
-        if not shipped:
-            return [], []
-        directory = self.directory(key)
-        hashes = [_workload_hash(line) for line in _lines(directory / WORKLOADS_FILE)]
-        present = set()
-        for line in _lines(directory / RECORDS_FILE):
-            n, record = json.loads(line)
-            present.add((hashes[n], json.dumps(record, sort_keys=True)))
-        number = {workload: n for n, workload in enumerate(hashes)}
-        shipped_workloads = _lines(self._shipped(key, WORKLOADS_FILE))
-        workloads: list[bytes] = []
-        records: list[bytes] = []
-        for line in shipped:
-            n, record = json.loads(line)
-            workload = _workload_hash(shipped_workloads[n])
-            if (workload, json.dumps(record, sort_keys=True)) in present:
-                continue
-            if workload not in number:
-                number[workload] = len(hashes) + len(workloads)
-                workloads.append(shipped_workloads[n])
-            records.append(json.dumps([number[workload], record]).encode())
-        return workloads, records
+    def _shipped(self, key: TuningKey) -> tuple[list[bytes], list[bytes]]:
+        """The shipped workloads and records of ``key``."""
+        return (
+            _lines(self.shipped / key.digest / f"{WORKLOADS_FILE}.gz"),
+            _lines(self.shipped / key.digest / f"{RECORDS_FILE}.gz"),
+        )
+
+    def _other_cpus(self, key: TuningKey) -> list[TuningKey]:
+        """The shipped keys of ``key``'s model, TVM version and target on another CPU (another
+        ``mcpu``, features or core count)."""
+
+        def but_cpu(key: TuningKey) -> tuple[str, str, dict[str, Any]]:
+            return key.model_sha256, key.tvm_version, _without_cpu(key.target)
+
+        shipped = [TuningKey(**json.loads(p.read_text())) for p in self.shipped.glob("*/key.json")]
+        return sorted(
+            (other for other in shipped if but_cpu(other) == but_cpu(key) and other != key),
+            key=lambda other: other.digest,
+        )
 
     def ship(self, key: TuningKey, used: set[str]) -> Path:
         """Put the best record of each workload in ``used`` (structural hashes: the kernels the
@@ -131,8 +132,49 @@ class TuningDatabase:
         (out / "key.json").write_text(key.as_json() + "\n")
         return out
 
-    def _shipped(self, key: TuningKey, name: str) -> Path:
-        return self.shipped / key.digest / f"{name}.gz"
+
+#: What a target says of its CPU; the rest (kind, triple, accelerator) must match for records
+#: made on one CPU to be candidates on another.
+CPU_FIELDS = ("mcpu", "mattr", "num-cores")
+
+
+def _without_cpu(target: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in target.items() if name not in CPU_FIELDS}
+
+
+def _new(
+    directory: Path, sources: list[tuple[list[bytes], list[bytes]]]
+) -> tuple[list[bytes], list[bytes]]:
+    """The workloads and records of ``sources`` (each a workload file's and a record file's
+    lines) that ``directory``'s records lack, numbered after its workloads."""
+    hashes = [_workload_hash(line) for line in _lines(directory / WORKLOADS_FILE)]
+    present = set()
+    for line in _lines(directory / RECORDS_FILE):
+        n, record = json.loads(line)
+        present.add((hashes[n], json.dumps(record, sort_keys=True)))
+    number = {workload: n for n, workload in enumerate(hashes)}
+    workloads: list[bytes] = []
+    records: list[bytes] = []
+    for source_workloads, source_records in sources:
+        for line in source_records:
+            n, record = json.loads(line)
+            workload = _workload_hash(source_workloads[n])
+            entry = (workload, json.dumps(record, sort_keys=True))
+            if entry in present:
+                continue
+            present.add(entry)
+            if workload not in number:
+                number[workload] = len(hashes) + len(workloads)
+                workloads.append(source_workloads[n])
+            records.append(json.dumps([number[workload], record]).encode())
+    return workloads, records
+
+
+def _append(directory: Path, lines: tuple[list[bytes], list[bytes]]) -> None:
+    for name, new in zip((WORKLOADS_FILE, RECORDS_FILE), lines, strict=True):
+        if new:
+            with (directory / name).open("ab") as out:
+                out.write(b"".join(line + b"\n" for line in new))
 
 
 def _read(path: Path) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 RECORDS_FILE = "database_tuning_record.json"
 WORKLOADS_FILE = "database_workload.json"
+#: A tuning directory's records made on other CPUs: tuning times them here before it searches.
+CANDIDATES_DIR = "candidates"
 
 
 class CompileError(BoostError):
@@ -137,6 +140,8 @@ WINOGRAD_MIN_TILES = 16
 #: Generating a round costs about as much as measuring 32 candidates, whatever its size.
 ROUND_TRIALS = 32
 KERNEL_TRIALS = 64
+#: Records made on other CPUs timed per kernel (the shipped records are one per CPU).
+CANDIDATES_TOP = 4
 
 
 def optimize(
@@ -518,8 +523,10 @@ def _tune(mod: Any, target: Any, tuning_dir: Path, trials: int, minutes: float) 
     register_schedule_rules()
     tasks = ms.relax_integration.extract_tasks(mod, target)
     callbacks = list(ms.MeasureCallback.create("default"))
+    database = ms.database.JSONDatabase(work_dir=str(tuning_dir))
+    if (tuning_dir / CANDIDATES_DIR).is_dir():
+        _time_candidates(tasks, target, database, tuning_dir / CANDIDATES_DIR)
     if not trials:
-        database = ms.database.JSONDatabase(work_dir=str(tuning_dir))
         tasks = [
             task
             for task in tasks
@@ -549,6 +556,47 @@ def _tune(mod: Any, target: Any, tuning_dir: Path, trials: int, minutes: float) 
         builder=_builder(),
         measure_callbacks=callbacks,
     )
+
+
+def _time_candidates(tasks: list[Any], target: Any, database: Any, candidates_dir: Path) -> None:
+    """The candidates' records of the kernels that have none in ``database`` (records made on
+    other CPUs), built and timed on this machine as tuning times its candidates; each that runs
+    becomes a record in ``database`` with the time it took here. Then the search starts from
+    schedules that were good elsewhere, and a bounded tuning has nothing left to do for the
+    kernels they cover."""
+    from tvm.s_tir import meta_schedule as ms
+
+    candidates = ms.database.JSONDatabase(work_dir=str(candidates_dir))
+    chosen = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        if database.query_tuning_record(mod, target, "main") is None and candidates.has_workload(
+            mod
+        ):
+            for record in candidates.get_top_k(candidates.commit_workload(mod), CANDIDATES_TOP):
+                chosen.append((mod, record.as_measure_candidate()))
+    if not chosen:
+        return
+    log.info("timing %d records made on other CPUs", len(chosen))
+    built = _builder().build([ms.builder.BuilderInput(c.sch.mod, target) for _, c in chosen])
+    runnable = [
+        (mod, candidate, result.artifact_path)
+        for (mod, candidate), result in zip(chosen, built, strict=True)
+        if result.error_msg is None
+    ]
+    inputs = [ms.runner.RunnerInput(path, "cpu", c.args_info) for _, c, path in runnable]
+    timed = [future.result() for future in ms.runner.LocalRunner().run(inputs)]
+    for (mod, candidate, path), result in zip(runnable, timed, strict=True):
+        shutil.rmtree(Path(path).parent)  # the builder's temporary directory
+        if result.error_msg is None:
+            workload = database.commit_workload(mod)
+            run_secs = [float(t) for t in result.run_secs]
+            database.commit_tuning_record(
+                ms.database.TuningRecord(
+                    candidate.sch.trace, workload, run_secs, target, candidate.args_info
+                )
+            )
+    log.info("%d of them ran here", sum(r.error_msg is None for r in timed))
 
 
 def _deadline(at: float) -> Any:

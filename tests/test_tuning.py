@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from agent.artifact import load_public_key, open_artifact
 from agent.runtime import TvmRuntime, golden_check
 from models import targets, tvm_backend
-from models.compiler import CompileRequest, compile_model
+from models.compiler import CompileRequest, compile_model, load_onnx
 from models.progress import Progress
 from models.tuning import SHIPPED, TuningDatabase, TuningKey
 from tests.conftest import run_cli
@@ -146,6 +147,10 @@ def jsonl(*rows: object) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
+def read_jsonl(path: Path) -> list[Any]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_shipped_records_join_the_users_once(tmp_path: Path) -> None:
     key = TuningKey("ab" * 32, targets.resolve("x86_64").tvm_dict(), "0.27.0")
     shipped = tmp_path / "shipped"
@@ -181,6 +186,83 @@ def test_shipped_records_join_the_users_once(tmp_path: Path) -> None:
     assert [json.loads(line) for line in added] == [[2, ["trace a"]], [1, ["trace b"]]]
     shipped_records = shipped / key.digest / f"{tvm_backend.RECORDS_FILE}.gz"
     assert gzip.decompress(shipped_records.read_bytes()).count(b"\n") == 2
+
+
+def ship_fake(shipped: Path, key: TuningKey, workloads: str, records: str) -> None:
+    (shipped / key.digest).mkdir(parents=True)
+    for name, text in (
+        (tvm_backend.WORKLOADS_FILE, workloads),
+        (tvm_backend.RECORDS_FILE, records),
+    ):
+        (shipped / key.digest / f"{name}.gz").write_bytes(gzip.compress(text.encode()))
+    (shipped / key.digest / "key.json").write_text(key.as_json())
+
+
+def test_records_shipped_for_other_cpus_are_candidates(tmp_path: Path) -> None:
+    """The shipped records of the same model, TVM version and target on another CPU (mcpu,
+    features, cores) land in the key's candidates directory, merged; no others do."""
+    here = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"}
+    key = TuningKey("ab" * 32, here, "0.27.0")
+    shipped = tmp_path / "shipped"
+    other_cpus = [
+        TuningKey(key.model_sha256, {**here, "mcpu": "skylake-avx512", "num-cores": 4}, "0.27.0"),
+        TuningKey(key.model_sha256, {**here, "mcpu": "znver4", "mattr": ["-avx512f"]}, "0.27.0"),
+    ]
+    ship_fake(shipped, other_cpus[0], jsonl(["h0", "conv"], ["h1", "dense"]), jsonl(
+        [0, ["skylake conv"]], [1, ["skylake dense"]]))  # fmt: skip
+    ship_fake(shipped, other_cpus[1], jsonl(["h1", "dense"]), jsonl([0, ["zen dense"]]))
+    for other in (
+        TuningKey("cd" * 32, here, "0.27.0"),  # another model
+        TuningKey(key.model_sha256, here, "0.28.0"),  # another TVM
+        TuningKey(key.model_sha256, {**here, "mtriple": "aarch64-linux-gnu"}, "0.27.0"),
+        TuningKey(key.model_sha256, {**here, "accelerator": "vta:x"}, "0.27.0"),  # VTA's CPU part
+    ):
+        ship_fake(shipped, other, jsonl(["h0", "conv"]), jsonl([0, ["not a candidate"]]))
+
+    db = TuningDatabase(tmp_path / "user", shipped)
+    assert db.record_count(key) == 0, "candidates are not records until timed here"
+    candidates = db.prepare(key) / tvm_backend.CANDIDATES_DIR
+    workloads = read_jsonl(candidates / tvm_backend.WORKLOADS_FILE)
+    assert sorted(workloads) == [["h0", "conv"], ["h1", "dense"]]
+    records = read_jsonl(candidates / tvm_backend.RECORDS_FILE)
+    assert sorted((workloads[n][1], trace) for n, (trace,) in records) == [
+        ("conv", "skylake conv"),
+        ("dense", "skylake dense"),
+        ("dense", "zen dense"),
+    ]
+    (candidates / tvm_backend.RECORDS_FILE).write_text("tuning read and wrote here\n")
+    db.prepare(key)  # made anew: what is shipped now
+    assert (candidates / tvm_backend.RECORDS_FILE).read_text().count("\n") == 3
+
+    alone = TuningKey("ef" * 32, here, "0.27.0")
+    assert not (db.prepare(alone) / tvm_backend.CANDIDATES_DIR).exists()
+
+
+def test_records_made_on_another_cpu_are_timed_here_and_applied(tmp_path: Path) -> None:
+    """A compile with no records for this CPU times the records shipped for another (as tuning
+    times its candidates) and applies them: every kernel is scheduled, with no search."""
+    model = two_layer_mlp(tmp_path / "mlp.onnx")
+    onnx_model, digest = load_onnx(model)
+    here = targets.resolve("x86_64").tvm_dict()
+    mod = tvm_backend.import_onnx(onnx_model, str(model))
+    elsewhere = tmp_path / "elsewhere"
+    tvm_backend.optimize(mod, here, elsewhere, trials=2)  # a record for each kernel
+    workloads = (elsewhere / tvm_backend.WORKLOADS_FILE).read_text()
+    records = read_jsonl(elsewhere / tvm_backend.RECORDS_FILE)
+    assert len(records) == 2
+    for _, record in records:
+        record[1] = [100.0]  # what "the other CPU" measured: no time measured here
+
+    other = TuningKey(digest, {**here, "mcpu": "skylake-avx512"}, tvm_backend.version())
+    ship_fake(tmp_path / "shipped", other, workloads, jsonl(*records))
+    key = TuningKey(digest, here, tvm_backend.version())
+    tuning_dir = TuningDatabase(tmp_path / "user", tmp_path / "shipped").prepare(key)
+    built = tvm_backend.optimize(mod, here, tuning_dir, minutes=0.001)
+
+    assert tvm_backend.untuned_kernels(built) == []
+    timed = read_jsonl(tuning_dir / tvm_backend.RECORDS_FILE)
+    assert [trace for _, (trace, *_) in timed] == [trace for _, (trace, *_) in records]
+    assert all(0 < sum(run_secs) < 1 for _, (_, run_secs, *_) in timed), "timed here"
 
 
 @pytest.mark.slow
