@@ -322,3 +322,21 @@ def test_ship_names_what_is_missing(zoo_model: Callable[[str], Path], tmp_path: 
     untuned = run_cli("models.tuning", "ship", model, str(tmp_path / "db"), cwd=tmp_path)
     assert untuned.returncode == 1 and "no tuning records for" in untuned.stderr
     assert "--tune-trials N" in untuned.stderr and not (tmp_path / "db").exists()
+
+
+def threads_in_this_process() -> int:
+    """TVM's thread pool size, asked in the tuning runner's worker process."""
+    import tvm
+
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_tuning_times_candidates_on_the_targets_cores(cores: int) -> None:
+    """TVM's pool takes half the CPUs of an x86 machine by default: one of a 2-core machine's,
+    where the candidates for a 2-core target must run on 2 threads."""
+    import tvm
+
+    target = tvm.target.Target({**targets.resolve("x86_64").tvm_dict(), "num-cores": cores})
+    runner = tvm_backend._runner(target)
+    assert runner.pool.submit(threads_in_this_process).result() == cores
