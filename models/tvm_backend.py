@@ -525,8 +525,9 @@ def _tune(mod: Any, target: Any, tuning_dir: Path, trials: int, minutes: float) 
     tasks = ms.relax_integration.extract_tasks(mod, target)
     callbacks = list(ms.MeasureCallback.create("default"))
     database = ms.database.JSONDatabase(work_dir=str(tuning_dir))
+    runner = _runner(target)
     if (tuning_dir / CANDIDATES_DIR).is_dir():
-        _time_candidates(tasks, target, database, tuning_dir / CANDIDATES_DIR)
+        _time_candidates(tasks, target, database, runner, tuning_dir / CANDIDATES_DIR)
     if not trials:
         tasks = [
             task
@@ -555,26 +556,28 @@ def _tune(mod: Any, target: Any, tuning_dir: Path, trials: int, minutes: float) 
         max_trials_per_task=per_task,
         num_trials_per_iter=per_round,
         builder=_builder(),
-        runner=_runner(target),
+        runner=runner,
         measure_callbacks=callbacks,
     )
 
 
-def _time_candidates(tasks: list[Any], target: Any, database: Any, candidates_dir: Path) -> None:
+def _time_candidates(
+    tasks: list[Any], target: Any, database: Any, runner: Any, candidates_dir: Path
+) -> None:
     """The candidates' records of the kernels that have none in ``database`` (records made on
-    other CPUs), built and timed on this machine as tuning times its candidates; each that runs
-    becomes a record in ``database`` with the time it took here. Then the search starts from
-    schedules that were good elsewhere, and a bounded tuning has nothing left to do for the
-    kernels they cover."""
+    other CPUs), built and timed on this machine as tuning times its candidates (``runner``);
+    each that runs becomes a record in ``database`` with the time it took here. Then the search
+    starts from schedules that were good elsewhere, and a bounded tuning has nothing left to do
+    for the kernels they cover."""
     from tvm.s_tir import meta_schedule as ms
 
     candidates = ms.database.JSONDatabase(work_dir=str(candidates_dir))
     chosen = []
     for task in tasks:
         mod = task.dispatched[0]
-        if database.query_tuning_record(mod, target, "main") is None and candidates.has_workload(
-            mod
-        ):
+        if database.query_tuning_record(mod, target, "main") is not None:
+            continue
+        if candidates.has_workload(mod):
             for record in candidates.get_top_k(candidates.commit_workload(mod), CANDIDATES_TOP):
                 chosen.append((mod, record.as_measure_candidate()))
     if not chosen:
@@ -587,7 +590,7 @@ def _time_candidates(tasks: list[Any], target: Any, database: Any, candidates_di
         if result.error_msg is None
     ]
     inputs = [ms.runner.RunnerInput(path, "cpu", c.args_info) for _, c, path in runnable]
-    timed = [future.result() for future in _runner(target).run(inputs)]
+    timed = [future.result() for future in runner.run(inputs)]
     for (mod, candidate, path), result in zip(runnable, timed, strict=True):
         shutil.rmtree(Path(path).parent)  # the builder's temporary directory
         if result.error_msg is None:
