@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.artifact import read_manifest
+from agent.builds import WAITING
 from agent.local_api import SOCKET, call
 from agent.protocol import BUILD_REQUESTS, build_request, deploy_command, dumps
 from tests.support.fleet import AgentProcess, CountingStore, Watcher, WorkerProcess, online
@@ -27,12 +28,13 @@ def ask(agent: AgentProcess, onnx: Path) -> dict[str, Any]:
 
 
 def wait_active(agent: AgentProcess, sha256: str, timeout_s: float = 240) -> dict[str, Any]:
-    """The active build of the model, once the agent has it."""
+    """The active build of the model and its settled request, once the agent has both (the
+    request is marked active just after the deployment activates the build)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         answer = call(agent.state_dir / SOCKET, {"op": "lookup", "sha256": sha256})
         assert answer["ok"], answer
-        if answer["build"] is not None:
+        if answer["build"] is not None and answer["request"]["state"] not in WAITING:
             return answer
         assert answer["request"]["state"] != "failed", (answer, agent.log_text()[-3000:])
         time.sleep(0.5)
