@@ -100,6 +100,28 @@ def test_golden_test_and_input_checks(
         model.run({"x": good})
 
 
+def test_each_run_computes_on_its_own_inputs(
+    build: Callable[..., Path], keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Inputs are copied into buffers the model keeps: every run sees the values it was given,
+    from strided views as from contiguous arrays, and no caller's array is written."""
+    verified = open_artifact(build("tiny_cnn"), [load_public_key(keys[1])], tmp_path)
+    m = verified.manifest
+    model = TvmRuntime().load(verified.path(m.library), m.inputs, m.outputs)
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
+    wide = rng.standard_normal((1, 3, 32, 64), dtype=np.float32)
+    b = wide[..., ::2]  # not contiguous
+    kept = b.copy()
+    first = model.run({"input": a})[0]
+    other = model.run({"input": b})[0]
+    again = model.run({"input": a})[0]
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+    np.testing.assert_array_equal(other, model.run({"input": np.ascontiguousarray(b)})[0])
+    np.testing.assert_array_equal(b, kept)
+
+
 def test_boost_agent_check(
     build: Callable[..., Path], keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
