@@ -289,16 +289,21 @@ class Watcher:
         )
 
     def metrics_until(
-        self, model: str, done: Callable[[dict[str, Any]], bool], timeout_s: float
+        self,
+        model: str,
+        done: Callable[[dict[str, Any]], bool],
+        timeout_s: float,
+        after: int = 0,
     ) -> list[dict[str, Any]]:
-        """The agents' metrics of ``model``, report after report, until ``done`` holds for one."""
+        """The agents' metrics of ``model`` (from message ``after`` on), report after report,
+        until ``done`` holds for one."""
         deadline = time.monotonic() + timeout_s
         seen: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
             with self._cond:
                 seen = [
                     p["models"][model]
-                    for t, p, _ in self.messages
+                    for t, p, _ in self.messages[after:]
                     if t.endswith("/metrics") and model in p.get("models", {})
                 ]
             if any(map(done, seen)):
