@@ -3,6 +3,7 @@ computes what ONNX Runtime computes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,9 @@ def test_batch_norm_and_clip_fuse_into_a_channels_last_convolution() -> None:
     names = kernels(conv_bn_clip_conv(13, ["lo", "hi"]))
     # Only the graph's input and output change layout; the batch norm is in the weights.
     assert sum(n.startswith("transpose") for n in names) == 2, names
-    assert [n for n in names if "maximum" in n] == ["fused_conv2d_add_maximum_minimum"], names
+    assert [n for n in names if "maximum" in n] == ["fused_conv2d_streaming_add_maximum_minimum"], (
+        names
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,7 +103,7 @@ def test_the_pipeline_computes_what_onnx_runtime_does(
 
 def three_convs() -> onnx.ModelProto:
     """32-channel 3x3 convolutions: stride 1 on 6x7 output tiles (Winograd's), stride 2, and
-    stride 1 on 3x4 tiles (too few)."""
+    stride 1 on 3x4 tiles (too few; both with more weights than outputs)."""
     rng = np.random.default_rng(2)
     weights = {"w1": (32, 32), "w2": (32, 32), "w3": (32, 32)}
     graph = helper.make_graph(
@@ -128,13 +131,58 @@ def test_stride_one_convolutions_with_enough_channels_run_winograd() -> None:
     model = three_convs()
     names = kernels(model)
     assert [n for n in names if "conv2d" in n] == [
-        "conv2d",
-        "conv2d1",
+        "conv2d_streaming",
+        "conv2d_streaming1",
         "fused_conv2d_winograd_relu",
     ], names
     feeds = {"x": np.random.default_rng(3).normal(0, 1, [1, 32, 24, 26]).astype(np.float32)}
     expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
     np.testing.assert_allclose(run_untuned(model, feeds), expected, rtol=1e-4, atol=1e-4)
+
+
+def weight_heavy_convs() -> onnx.ModelProto:
+    """Convolutions with fewer weights than outputs (a 3x3 and a 1x1) and with more (a 3x3
+    stride 3 and a 1x1 after it), each with a bias and the last three with a ReLU."""
+    rng = np.random.default_rng(6)
+    weights = {"w1": (8, 8, 3), "w2": (64, 8, 1), "w3": (64, 64, 3), "w4": (64, 64, 1)}
+    inits = {k: rng.normal(0, 0.2, (o, i, k_, k_)) for k, (o, i, k_) in weights.items()}
+    inits |= {f"b{k[1:]}": rng.normal(0, 0.2, o) for k, (o, _, _) in weights.items()}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1] * 4),
+            helper.make_node("Conv", ["a", "w2", "b2"], ["b"]),
+            helper.make_node("Relu", ["b"], ["br"]),
+            helper.make_node("Conv", ["br", "w3", "b3"], ["c"], pads=[1] * 4, strides=[3, 3]),
+            helper.make_node("Relu", ["c"], ["cr"]),
+            helper.make_node("Conv", ["cr", "w4", "b4"], ["d"]),
+            helper.make_node("Relu", ["d"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 4, 4])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+#: The kernels scheduled by this project's search spaces, by name.
+OUR_SPACES = ("depthwise", "pointwise", "streaming")
+HEAVY_FEEDS = {"x": np.random.default_rng(7).normal(0, 1, [1, 8, 12, 12]).astype(np.float32)}
+
+
+def test_convolutions_with_more_weights_than_outputs_stream_their_weights() -> None:
+    model = weight_heavy_convs()
+    assert [n for n in kernels(model) if "conv2d" in n] == [
+        "fused_conv2d_add",  # TVM's own
+        "fused_conv2d_pointwise_add1_relu",
+        "fused_conv2d_streaming1_add2_relu1",  # the 1x1
+        "fused_conv2d_streaming_add2_relu1",
+    ]
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, HEAVY_FEEDS)[0]
+    np.testing.assert_allclose(run_untuned(model, HEAVY_FEEDS), expected, rtol=1e-4, atol=1e-4)
 
 
 def mobile_blocks() -> onnx.ModelProto:
@@ -201,24 +249,40 @@ def test_depthwise_and_1x1_convolutions_compute_what_onnx_runtime_does() -> None
 
 
 @pytest.mark.slow
-def test_depthwise_and_1x1_convolutions_are_tuned_in_vectors_of_channels(tmp_path: Path) -> None:
-    """The search spaces of ``_schedule_depthwise`` and ``_schedule_pointwise``: whatever the
-    tuner picks, every loop nest's innermost loop is a vector of channels (the products', and
-    the bias', activation's and residual's after them), and the sums stay in registers (a
-    local buffer). The tuned build still computes what ONNX Runtime does."""
+@pytest.mark.parametrize(
+    "model,feeds,spaces",
+    [
+        (mobile_blocks, MOBILE_FEEDS, 6),  # depthwise and 1x1
+        (weight_heavy_convs, HEAVY_FEEDS, 3),  # two streaming, one 1x1
+    ],
+)
+def test_our_search_spaces_tune_in_vectors_of_channels(
+    tmp_path: Path,
+    model: Callable[[], onnx.ModelProto],
+    feeds: dict[str, np.ndarray],
+    spaces: int,
+) -> None:
+    """The search spaces of ``_schedule_depthwise``, ``_schedule_pointwise`` and
+    ``_schedule_streaming``: whatever the tuner picks, every loop nest's innermost loop is a
+    vector of channels (the products', and the bias', activation's and residual's after them),
+    and the sums stay in registers (a local buffer). The tuned build still computes what ONNX
+    Runtime does."""
     import tvm
     from tvm import relax
 
-    model = mobile_blocks()
+    onnx_model = model()
     target = targets.resolve("x86_64").tvm_dict()
-    mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, tmp_path, trials=64)
+    mod = tvm_backend.optimize(
+        tvm_backend.import_onnx(onnx_model, "m"), target, tmp_path, trials=64
+    )
     assert tvm_backend.untuned_kernels(mod) == []
     tuned = {
         gv.name_hint: func.script()
         for gv, func in mod.functions_items()
-        if gv.name_hint.startswith("fused_conv2d_") and gv.name_hint.endswith("prepacked")
+        if any(f"conv2d_{space}" in gv.name_hint for space in OUR_SPACES)
+        and gv.name_hint.endswith("prepacked")
     }
-    assert len(tuned) == 6, sorted(tuned)
+    assert len(tuned) == spaces, sorted(tuned)
     for name, script in tuned.items():
         lines = script.splitlines()
         blocks = [i for i, line in enumerate(lines) if line.lstrip().startswith("with T.sblock(")]
@@ -227,6 +291,6 @@ def test_depthwise_and_1x1_convolutions_are_tuned_in_vectors_of_channels(tmp_pat
             assert "T.vectorized(" in lines[i - 1], (name, lines[i], script)
         assert 'scope="local"' in script, (name, script)
     vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(MOBILE_FEEDS["x"])).numpy()
-    expected = ort.InferenceSession(model.SerializeToString()).run(None, MOBILE_FEEDS)[0]
+    got = vm["main"](tvm.runtime.tensor(feeds["x"])).numpy()
+    expected = ort.InferenceSession(onnx_model.SerializeToString()).run(None, feeds)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
