@@ -405,38 +405,13 @@ STREAMING_RULE = "conv2d_nhwc_streaming"
 
 def _depthwise(bb: Any, data: Any, weight: Any, attrs: Any) -> Any:
     """A depthwise convolution in NHWC, scheduled by ``_schedule_depthwise``."""
-    from tvm import te, topi
+    from tvm import te
 
-    n, h, w, c = (int(d) for d in data.ty.shape)
-    _, kh, kw, _ = (int(d) for d in weight.ty.shape)
-    top, left, bottom, right = (int(p) for p in attrs.padding)
-    sh, sw = (int(s) for s in attrs.strides)
-    dh, dw = (int(d) for d in attrs.dilation)
-    out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    def taps(pad: Any, weight: Any, at: Any, ch: Any, ry: Any, rx: Any) -> Any:
+        return te.sum(pad[(*at, ch)] * weight[ch, ry, rx, 0], axis=[ry, rx])
 
-    def conv(data: Any, weight: Any) -> Any:
-        pad = topi.nn.pad(
-            data,
-            (0, top, left, 0),
-            (0, bottom, right, 0),
-            name="pad",
-            attrs={"schedule_rule": "None"},  # placed by _schedule_depthwise
-        )
-        ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-        return te.compute(
-            (n, out_h, out_w, c),
-            lambda b, y, x, ch: te.sum(
-                pad[b, y * sh + ry * dh, x * sw + rx * dw, ch] * weight[ch, ry, rx, 0],
-                axis=[ry, rx],
-            ),
-            name="depthwise",
-            attrs={"schedule_rule": DEPTHWISE_RULE},
-        )
-
-    return bb.call_te(
-        conv, data, weight, primfunc_name_hint="conv2d_depthwise", primfunc_attrs={"op_pattern": 4}
-    )
+    channels = int(data.ty.shape[3])
+    return _sliding(bb, data, weight, attrs, "depthwise", DEPTHWISE_RULE, channels, taps)
 
 
 def _pointwise(bb: Any, data: Any, weight: Any, attrs: Any) -> Any:
@@ -470,10 +445,27 @@ def _streaming(bb: Any, data: Any, weight: Any, attrs: Any) -> Any:
     3x3 on 7x7 took 0.94 ms alone and 2.36 in the model; this space's, 0.71 and 1.11. ResNet-18
     on 2 threads: 13.3 ms against 16.2, builds timed in one process.
     """
+    from tvm import te
+
+    def taps(pad: Any, weight: Any, at: Any, f: Any, ry: Any, rx: Any) -> Any:
+        rc = te.reduce_axis((0, int(data.ty.shape[3])), "rc")
+        return te.sum(pad[(*at, rc)] * weight[f, ry, rx, rc], axis=[ry, rx, rc])
+
+    channels = int(weight.ty.shape[0])
+    return _sliding(bb, data, weight, attrs, "streaming", STREAMING_RULE, channels, taps)
+
+
+def _sliding(
+    bb: Any, data: Any, weight: Any, attrs: Any, kind: str, rule: str, channels: int, taps: Any
+) -> Any:
+    """A convolution in NHWC (kernel ``conv2d_{kind}``, scheduled by the search space of
+    ``rule``) with ``channels`` outputs a pixel, the filter sliding over the padded input:
+    ``taps(pad, weight, at, channel, ry, rx)`` sums an output over the filter's taps ``ry``,
+    ``rx``, where ``at`` is the batch, row and column of its input at that tap."""
     from tvm import te, topi
 
-    n, h, w, c = (int(d) for d in data.ty.shape)
-    co, kh, kw, _ = (int(d) for d in weight.ty.shape)
+    n, h, w, _ = (int(d) for d in data.ty.shape)
+    _, kh, kw, _ = (int(d) for d in weight.ty.shape)
     top, left, bottom, right = (int(p) for p in attrs.padding)
     sh, sw = (int(s) for s in attrs.strides)
     dh, dw = (int(d) for d in attrs.dilation)
@@ -486,22 +478,20 @@ def _streaming(bb: Any, data: Any, weight: Any, attrs: Any) -> Any:
             (0, top, left, 0),
             (0, bottom, right, 0),
             name="pad",
-            attrs={"schedule_rule": "None"},  # placed by _schedule_streaming
+            attrs={"schedule_rule": "None"},  # placed by the search space
         )
         ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-        rc = te.reduce_axis((0, c), "rc")
         return te.compute(
-            (n, out_h, out_w, co),
-            lambda b, y, x, f: te.sum(
-                pad[b, y * sh + ry * dh, x * sw + rx * dw, rc] * weight[f, ry, rx, rc],
-                axis=[ry, rx, rc],
+            (n, out_h, out_w, channels),
+            lambda b, y, x, c: taps(
+                pad, weight, (b, y * sh + ry * dh, x * sw + rx * dw), c, ry, rx
             ),
-            name="streaming",
-            attrs={"schedule_rule": STREAMING_RULE},
+            name=kind,
+            attrs={"schedule_rule": rule},
         )
 
     return bb.call_te(
-        conv, data, weight, primfunc_name_hint="conv2d_streaming", primfunc_attrs={"op_pattern": 4}
+        conv, data, weight, primfunc_name_hint=f"conv2d_{kind}", primfunc_attrs={"op_pattern": 4}
     )
 
 
@@ -511,18 +501,10 @@ def _schedule_streaming(sch: Any, block: Any) -> list[Any]:
     columns x vectors of channels at a time, summed in registers; the padding copied first,
     or (the second space) tested at each tap."""
     b, y, x, f, ry, rx, rc = sch.get_loops(block)
-    f_o, f_v = sch.split(f, [None, _lanes(sch, f)])
-    f_o, f_i = sch.split(f_o, sch.sample_perfect_tile(f_o, n=2, max_innermost_factor=4))
-    y_o, y_i = sch.split(y, sch.sample_perfect_tile(y, n=2, max_innermost_factor=4))
-    x_o, x_i = sch.split(x, sch.sample_perfect_tile(x, n=2, max_innermost_factor=16))
+    (y_o, y_i), (x_o, x_i), (f_o, f_i, f_v) = _tile_splits(sch, y, x, f)
     rc_o, rc_i = sch.split(rc, sch.sample_perfect_tile(rc, n=2, max_innermost_factor=64))
     sch.reorder(b, f_o, y_o, x_o, rc_o, ry, rx, rc_i, y_i, x_i, f_i, f_v)
-    tile = sch.fuse(b, f_o, y_o, x_o)
-    sch.parallel(tile)
-    _store_tile(sch, block, tile)
-    for loop in (y_i, x_i, f_i):
-        sch.unroll(loop)
-    sch.vectorize(f_v)
+    _register_tile(sch, block, [b, f_o, y_o, x_o], [y_i, x_i, f_i, f_v])
     (pad,) = sch.get_producers(block)
     unpadded = sch.copy()
     unpadded.compute_inline(pad)
@@ -563,18 +545,33 @@ def _schedule_pointwise(sch: Any, block: Any) -> list[Any]:
     output channels (its sizes sampled) summed in registers over the input channels, tiles in
     parallel."""
     b, y, x, f, rc = sch.get_loops(block)
+    (y_o, y_i), (x_o, x_i), (f_o, f_i, f_v) = _tile_splits(sch, y, x, f)
+    sch.reorder(b, y_o, x_o, f_o, rc, y_i, x_i, f_i, f_v)
+    _register_tile(sch, block, [b, y_o, x_o, f_o], [y_i, x_i, f_i, f_v])
+    return [sch]
+
+
+def _tile_splits(sch: Any, y: Any, x: Any, f: Any) -> tuple[Any, Any, Any]:
+    """Rows ``y``, columns ``x`` and output channels ``f`` split into tiles (sizes sampled) of
+    rows x columns x vectors of channels: (outer, inner) rows and columns, and (outer, vectors,
+    lanes) channels."""
     f_o, f_v = sch.split(f, [None, _lanes(sch, f)])
     f_o, f_i = sch.split(f_o, sch.sample_perfect_tile(f_o, n=2, max_innermost_factor=4))
     y_o, y_i = sch.split(y, sch.sample_perfect_tile(y, n=2, max_innermost_factor=4))
     x_o, x_i = sch.split(x, sch.sample_perfect_tile(x, n=2, max_innermost_factor=16))
-    sch.reorder(b, y_o, x_o, f_o, rc, y_i, x_i, f_i, f_v)
-    tile = sch.fuse(b, y_o, x_o, f_o)
-    sch.parallel(tile)
-    _store_tile(sch, block, tile)
-    for loop in (y_i, x_i, f_i):
+    return (y_o, y_i), (x_o, x_i), (f_o, f_i, f_v)
+
+
+def _register_tile(sch: Any, block: Any, tiles: list[Any], tile: list[Any]) -> None:
+    """``block``'s loops ``tiles`` fused and run in parallel, each computing a tile whose loops
+    ``tile`` (rows, columns, vectors, lanes) are unrolled and its lanes vectorized, its sums in
+    registers (``_store_tile``)."""
+    fused = sch.fuse(*tiles)
+    sch.parallel(fused)
+    _store_tile(sch, block, fused)
+    for loop in tile[:-1]:
         sch.unroll(loop)
-    sch.vectorize(f_v)
-    return [sch]
+    sch.vectorize(tile[-1])
 
 
 def _lanes(sch: Any, channels: Any) -> int:

@@ -18,6 +18,22 @@ NAN = float("nan")
 SHAPE = [1, 8, 6, 6]
 
 
+def checked_model(
+    nodes: list[onnx.NodeProto],
+    name: str,
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: list[onnx.TensorProto],
+    opset: int = 13,
+) -> onnx.ModelProto:
+    """An ONNX model of one graph, checked by ONNX's checker."""
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def conv_bn_clip_conv(opset: int, clip_inputs: list[str], **clip_attrs: float) -> onnx.ModelProto:
     """conv -> batch norm -> Clip -> conv, with the Clip's bounds as given."""
     rng = np.random.default_rng(0)
@@ -33,7 +49,7 @@ def conv_bn_clip_conv(opset: int, clip_inputs: list[str], **clip_attrs: float) -
         "nan": np.array(NAN),
     }
     used = {"w1", "gamma", "beta", "mean", "var", "w2", *clip_inputs}
-    graph = helper.make_graph(
+    return checked_model(
         [
             helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"]),
@@ -45,11 +61,8 @@ def conv_bn_clip_conv(opset: int, clip_inputs: list[str], **clip_attrs: float) -
         + [helper.make_tensor_value_info("bound", TensorProto.FLOAT, [])] * ("bound" in used),
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items() if k in used],
+        opset=opset,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def kernels(model: onnx.ModelProto) -> list[str]:
@@ -106,7 +119,7 @@ def three_convs() -> onnx.ModelProto:
     stride 1 on 3x4 tiles (too few; both with more weights than outputs)."""
     rng = np.random.default_rng(2)
     weights = {"w1": (32, 32), "w2": (32, 32), "w3": (32, 32)}
-    graph = helper.make_graph(
+    return checked_model(
         [
             helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
             helper.make_node("Relu", ["a"], ["r"]),
@@ -121,10 +134,6 @@ def three_convs() -> onnx.ModelProto:
             for k, (o, i) in weights.items()
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def test_stride_one_convolutions_with_enough_channels_run_winograd() -> None:
@@ -147,7 +156,7 @@ def weight_heavy_convs() -> onnx.ModelProto:
     weights = {"w1": (8, 8, 3), "w2": (64, 8, 1), "w3": (64, 64, 3), "w4": (64, 64, 1)}
     inits = {k: rng.normal(0, 0.2, (o, i, k_, k_)) for k, (o, i, k_) in weights.items()}
     inits |= {f"b{k[1:]}": rng.normal(0, 0.2, o) for k, (o, _, _) in weights.items()}
-    graph = helper.make_graph(
+    return checked_model(
         [
             helper.make_node("Conv", ["x", "w1", "b1"], ["a"], pads=[1] * 4),
             helper.make_node("Conv", ["a", "w2", "b2"], ["b"]),
@@ -162,10 +171,6 @@ def weight_heavy_convs() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 4, 4])],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 #: The kernels scheduled by this project's search spaces, by name.
@@ -206,7 +211,7 @@ def mobile_blocks() -> onnx.ModelProto:
     def conv(x: str, w: str, y: str, **attrs: object) -> onnx.NodeProto:
         return helper.make_node("Conv", [x, w, f"b{w[1:]}"], [y], **attrs)
 
-    graph = helper.make_graph(
+    return checked_model(
         [
             conv("x", "we", "e"),
             helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
@@ -225,10 +230,6 @@ def mobile_blocks() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24, 14, 12])],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 MOBILE_FEEDS = {"x": np.random.default_rng(5).normal(0, 2, [1, 16, 27, 23]).astype(np.float32)}
