@@ -130,8 +130,8 @@ CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 #: kernel: 56x56x64, 0.94 ms against the direct convolution's 1.45 (128 trials); 28x28x128,
 #: 0.67 against 1.6; 14x14x256 (16 tiles, 9 MB of transformed weights), 0.75-0.81 against
 #: 1.37-1.44 (192 trials or more), ResNet-18 as a whole 2-3% faster with it. The 7x7 stage (4
-#: tiles, 49 of their 64 outputs used, 38 MB of transformed weights read per call) streams
-#: its weights instead (``_streaming``): reasoned, not measured.
+#: tiles, 49 of their 64 outputs used, 38 MB of transformed weights read per call) is left out
+#: (reasoned, not measured) and streams its weights instead (``_streaming``).
 WINOGRAD_TILE = 4
 WINOGRAD_MIN_CHANNELS = 32
 WINOGRAD_MIN_TILES = 16
