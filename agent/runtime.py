@@ -31,6 +31,8 @@ ALIGNMENT = 64
 # kDLCPU and the VM's pooled allocator (tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR).
 _DL_CPU = 1
 _POOLED_ALLOCATOR = 2
+#: The symbols of the VM's own calls (allocations, shape checks), which are not kernels.
+BUILTIN_PREFIX = "vm.builtin."
 
 
 class InferenceInputError(BoostError):
@@ -166,18 +168,22 @@ class LoadedModel:
             values = list(result) if isinstance(result, self._ffi.Array) else [result]
             return [np.from_dlpack(v).copy() for v in values]
 
-    def kernel_ms(self, feeds: Mapping[str, np.ndarray], runs: int) -> dict[str, float]:
-        """Milliseconds per run spent in each kernel the module calls (by symbol), over
-        ``runs`` runs: the VM's instrument hook times every call it makes."""
+    def kernel_calls(self, feeds: Mapping[str, np.ndarray], runs: int) -> list[KernelCall]:
+        """Every call the module makes in a run, in order, with the milliseconds it took (the
+        mean over ``runs`` runs): the VM's instrument hook times each call it makes."""
         arrays = self.check_inputs(feeds)
-        spent: dict[str, float] = {}
+        calls: list[tuple[str, tuple[int, ...]]] = []
         started: list[float] = []
+        spent: list[float] = []
 
         def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
             if before:
                 started.append(time.perf_counter())
-            else:
-                spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - started.pop()
+                return 0
+            spent.append(time.perf_counter() - started.pop())
+            # A kernel writes its last argument (destination passing); builtins write none.
+            kernel = bool(args) and not symbol.startswith(BUILTIN_PREFIX)
+            calls.append((symbol, tuple(int(d) for d in args[-1].shape) if kernel else ()))
             return 0  # VMInstrumentReturnKind.NO_OP: run the call
 
         with self._lock:
@@ -187,7 +193,21 @@ class LoadedModel:
                     self._main(*self._stage(arrays))
             finally:
                 self._vm["set_instrument"](None)
-        return {symbol: seconds * 1e3 / runs for symbol, seconds in spent.items()}
+        per_run = np.asarray(spent).reshape(runs, -1).mean(axis=0) * 1e3
+        return [
+            KernelCall(symbol, shape, float(ms))
+            for (symbol, shape), ms in zip(calls, per_run, strict=False)  # the first run's calls
+        ]
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One call of a run: the kernel's (or VM builtin's) symbol, the shape of the tensor it
+    writes (``()`` for builtins) and milliseconds per run."""
+
+    symbol: str
+    shape: tuple[int, ...]
+    ms: float
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ are percentiles over the runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ import numpy as np
 
 from agent.engines import CPU_ENGINE, ORT_ENGINE
 from agent.errors import BoostError
+from agent.runtime import KernelCall, TvmRuntime
 from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
 
@@ -99,10 +101,10 @@ def measure(
     runs: int,
     work: Path,
     layers: bool = False,
-) -> tuple[list[Latency], dict[str, dict[str, float]]]:
+) -> tuple[list[Latency], list[Layer]]:
     """Time every build and ONNX Runtime in a child process with ``threads`` threads; with
-    ``layers``, also where the ``tvm`` build and ONNX Runtime spend their time, by kind of layer
-    (ms per run)."""
+    ``layers``, also where the ``tvm`` build and ONNX Runtime spend their time, layer by layer
+    (``pair_layers``)."""
     spec = {
         "builds": {engine: str(path) for engine, path in builds.items()},
         "model": str(model),
@@ -123,7 +125,11 @@ def measure(
     if done.returncode != 0:
         raise BoostError(f"the timing process failed: {done.stderr.strip()[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return [Latency(**row) for row in result["latency"]], result["layers"]
+    paired = [
+        Layer(**{**row, "shape": tuple(row["shape"]), "kernels": tuple(row["kernels"])})
+        for row in result["layers"]
+    ]
+    return [Latency(**row) for row in result["latency"]], paired
 
 
 #: Kinds of layer, by the first operator of a TVM kernel's name and by ONNX Runtime's op type.
@@ -147,33 +153,110 @@ def layer_kind(tvm_symbol: str = "", ort_op: str = "") -> str:
     return OTHER
 
 
+@dataclass(frozen=True)
+class Layer:
+    """A node of ONNX Runtime's (``op`` its type) with the TVM kernels that compute its output,
+    or a TVM call no node was paired with (``name`` and ``op`` empty): ms per run."""
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    ort_ms: float
+    tvm_ms: float
+    kernels: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        return layer_kind(ort_op=self.op) if self.op else layer_kind(tvm_symbol=self.kernels[0])
+
+
+def pair_layers(nodes: list[Layer], calls: list[KernelCall]) -> list[Layer]:
+    """ONNX Runtime's ``nodes``, in the order it ran them, each given the TVM kernels that ran
+    after the previous node's, up to the first that writes the node's output (``_writer``); a node
+    whose output no later kernel writes gets none. The VM's builtins, and the kernels after the
+    last pair, are layers of their own (one per symbol)."""
+    layers, unpaired, start = [], [], 0
+    for node in nodes:
+        end = _writer(calls, start, node.shape)
+        if end < 0:
+            layers.append(node)
+            continue
+        run = calls[start : end + 1]
+        kernels = [call for call in run if call.shape]
+        unpaired += [call for call in run if not call.shape]
+        ms, symbols = sum(call.ms for call in kernels), tuple(call.symbol for call in kernels)
+        layers.append(dataclasses.replace(node, tvm_ms=ms, kernels=symbols))
+        start = end + 1
+    unpaired += calls[start:]
+    for symbol in dict.fromkeys(call.symbol for call in unpaired):
+        ms = sum(call.ms for call in unpaired if call.symbol == symbol)
+        layers.append(Layer("", "", (), 0.0, ms, (symbol,)))
+    return layers
+
+
+def _writer(calls: list[KernelCall], start: int, ort_shape: tuple[int, ...]) -> int:
+    """The index of the first call from ``start`` on that writes a tensor of ``ort_shape`` or its
+    channels-last form (the CPU build's convolutions run NHWC); -1 if none does. ONNX Runtime's
+    blocked-layout (NCHWc) nodes report their channels rounded up to its block of 8 or 16: such
+    a match counts where no kernel writes the exact shape."""
+    shapes = [call.shape for call in calls[start:]]
+    exact, padded = {ort_shape}, set()
+    if len(ort_shape) == 4:
+        n, c, h, w = ort_shape
+        exact.add((n, h, w, c))
+        for channels in range(max(1, c - 15), c):
+            if c in (-(-channels // 8) * 8, -(-channels // 16) * 16):
+                padded |= {(n, channels, h, w), (n, h, w, channels)}
+    for wanted in (exact, padded):
+        found = next((i for i, shape in enumerate(shapes) if shape in wanted), -1)
+        if found >= 0:
+            return start + found
+    return -1
+
+
+def kinds(layers: list[Layer]) -> dict[str, dict[str, float]]:
+    """ms per run by kind of layer, of the TVM build and of ONNX Runtime."""
+    out: dict[str, dict[str, float]] = {}
+    for layer in layers:
+        kind = out.setdefault(layer.kind, {TVM: 0.0, ORT: 0.0})
+        kind[TVM] += layer.tvm_ms
+        kind[ORT] += layer.ort_ms
+    return out
+
+
 def _layers(
     loaded: Any, model: str, feeds: dict[str, np.ndarray], threads: int, runs: int, work: Path
-) -> dict[str, dict[str, float]]:
-    """ms per run by kind of layer: the TVM build's kernels (VM instrument), ONNX Runtime's
-    nodes (its profiler, on a session of its own)."""
-
-    out: dict[str, dict[str, float]] = {}
-    for symbol, ms in loaded.kernel_ms(feeds, runs).items():
-        kind = out.setdefault(layer_kind(tvm_symbol=symbol), {TVM: 0.0, ORT: 0.0})
-        kind[TVM] += ms
+) -> list[Layer]:
+    """ONNX Runtime's nodes (its profiler, on a session of its own) paired with the TVM build's
+    kernels (the VM's instrument hook), ms per run."""
+    calls = loaded.kernel_calls(feeds, runs)
     session = _ort_session(model, threads, profile=work / "ort-profile")
     for _ in range(runs + 1):
         session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
-    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    skip = len(nodes) // (runs + 1)  # the first run's nodes: the warm-up
-    for event in nodes[skip:]:
-        kind = out.setdefault(layer_kind(ort_op=event["args"]["op_name"]), {TVM: 0.0, ORT: 0.0})
-        kind[ORT] += event["dur"] / 1e3 / runs
-    return out
+    timed = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(timed) // (runs + 1)  # the first run's nodes: the warm-up
+    nodes = []
+    for i, event in enumerate(timed[:per_run]):
+        runs_of_node = timed[per_run + i :: per_run]
+        (shape,) = (event["args"].get("output_type_shape") or [{"": []}])[0].values()
+        nodes.append(
+            Layer(
+                event["name"].removesuffix("_kernel_time"),
+                event["args"]["op_name"],
+                tuple(shape),
+                sum(e["dur"] for e in runs_of_node) / 1e3 / runs,
+                0.0,
+                (),
+            )
+        )
+    return pair_layers(nodes, calls)
 
 
 def _time_engines(spec: dict[str, Any]) -> dict[str, Any]:
     """The child's side of ``measure``: load everything, then time the engines in rounds."""
 
     from agent.artifact import load_public_key, open_artifact
-    from agent.runtime import TvmRuntime
     from vta.bundle import INDEX
 
     trusted = [load_public_key(Path(spec["public_key"]))]
@@ -209,11 +292,11 @@ def _time_engines(spec: dict[str, Any]) -> dict[str, Any]:
     for engine, s in samples.items():
         p50, p90, p99 = (round(float(np.percentile(s, q)), 4) for q in (50, 90, 99))
         latency.append(asdict(Latency(engine, spec["threads"], p50, p90, p99, len(s))))
-    layers = {}
+    layers: list[Layer] = []
     if spec["layers"]:
         tvm = loaded_models[TVM]
         layers = _layers(tvm, spec["model"], feeds, spec["threads"], 10, Path(spec["work"]))
-    return {"latency": latency, "layers": layers}
+    return {"latency": latency, "layers": [asdict(layer) for layer in layers]}
 
 
 def _ort_session(model: str, threads: int, profile: Path | None = None) -> Any:
@@ -254,11 +337,29 @@ def table(latencies: list[Latency]) -> str:
     return "\n".join(lines)
 
 
-def layer_table(kinds: dict[str, dict[str, float]]) -> str:
+def kind_table(layers: list[Layer]) -> str:
+    """ms per run by kind of layer, the kinds where the TVM build spends most first."""
     lines = [f"{'layers':<30}{'tvm ms':>10}{'ORT ms':>10}{'tvm / ORT':>11}"]
-    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1][TVM]):
+    for kind, ms in sorted(kinds(layers).items(), key=lambda kv: -kv[1][TVM]):
         ratio = f"{ms[TVM] / ms[ORT]:>10.2f}x" if ms[ORT] else f"{'-':>11}"
         lines.append(f"{kind:<30}{ms[TVM]:>10.3f}{ms[ORT]:>10.3f}{ratio}")
+    return "\n".join(lines)
+
+
+def layer_table(layers: list[Layer]) -> str:
+    """Layer by layer in ONNX Runtime's order, then the TVM calls paired with no node: ms per
+    run of each engine, and the TVM kernels."""
+    lines = [
+        f"{'ORT node':<32}{'op':<18}{'output':<16}{'ORT ms':>8}{'tvm ms':>8}{'tvm-ORT':>9}"
+        "  tvm kernels"
+    ]
+    for layer in layers:
+        shape = "x".join(str(d) for d in layer.shape) or "-"
+        lines.append(
+            f"{layer.name[:31] or '-':<32}{layer.op[:17] or '-':<18}{shape:<16}"
+            f"{layer.ort_ms:>8.3f}{layer.tvm_ms:>8.3f}{layer.tvm_ms - layer.ort_ms:>+9.3f}"
+            f"  {', '.join(layer.kernels) or '-'}"
+        )
     return "\n".join(lines)
 
 

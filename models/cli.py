@@ -398,12 +398,15 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     print(f"{args.model.name}: {records} tuning records applied to the tvm build, {args.runs} runs")
     print(bench.table(latencies))
     if args.layers:
-        for n, kinds in layers.items():
+        for n, paired in layers.items():
             print(f"\nwhere the time goes, {n} threads (ms per run)")
-            print(bench.layer_table(kinds))
+            print(bench.kind_table(paired))
+            print(f"\nlayer by layer, {n} threads (ms per run)")
+            print(bench.layer_table(paired))
     if args.json:
         rows = [dataclasses.asdict(lat) for lat in latencies]
-        document = {"tuning_records": records, "latency": rows, "layers": layers}
+        by_layer = {n: [dataclasses.asdict(x) for x in paired] for n, paired in layers.items()}
+        document = {"tuning_records": records, "latency": rows, "layers": by_layer}
         args.json.write_text(json.dumps(document, indent=2))
     return 0
 
@@ -485,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layers",
         action="store_true",
-        help="also where the tvm build and ONNX Runtime spend their time, by kind of layer",
+        help="also where the tvm build and ONNX Runtime spend their time: by kind of layer, and "
+        "layer by layer",
     )
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     p.set_defaults(handler=cmd_bench)

@@ -65,14 +65,15 @@ def cpu_figures(quick: bool) -> list[Figure]:
                 model, "x86_64", work / name, build.tuning_db, key, tune_minutes=minutes
             )
             for threads in (1, 2):
-                measured, kinds = bench.measure(
+                measured, paired = bench.measure(
                     builds, model, public, threads, 5 if quick else 30, work / name, threads == 2
                 )
                 times = {lat.engine: lat.p50_ms for lat in measured}
                 tvm, ort = times[bench.TVM], times[bench.ORT]
                 untuned = times.get(bench.UNTUNED, "")
                 latency.rows.append([name, threads, tvm, ort, tvm / ort, untuned, records])
-                for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1][bench.TVM]):
+                by_kind = bench.kinds(paired).items()
+                for kind, ms in sorted(by_kind, key=lambda kv: -kv[1][bench.TVM]):
                     tvm_ms, ort_ms = ms[bench.TVM], ms[bench.ORT]
                     ratio = tvm_ms / ort_ms if ort_ms else ""
                     layers.rows.append([name, kind, tvm_ms, ort_ms, ratio])
