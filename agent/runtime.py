@@ -172,18 +172,20 @@ class LoadedModel:
         """Every call the module makes in a run, in order, with the milliseconds it took (the
         mean over ``runs`` runs): the VM's instrument hook times each call it makes."""
         arrays = self.check_inputs(feeds)
-        calls: list[tuple[str, tuple[int, ...]]] = []
+        calls: list[tuple[str, tuple[int, ...]]] = []  # what each call is, from the first run
         started: list[float] = []
         spent: list[float] = []
+        recording = True
 
         def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
             if before:
                 started.append(time.perf_counter())
                 return 0
             spent.append(time.perf_counter() - started.pop())
-            # A kernel writes its last argument (destination passing); builtins write none.
-            kernel = bool(args) and not symbol.startswith(BUILTIN_PREFIX)
-            calls.append((symbol, tuple(int(d) for d in args[-1].shape) if kernel else ()))
+            if recording:
+                # A kernel writes its last argument (destination passing); builtins write none.
+                kernel = bool(args) and not symbol.startswith(BUILTIN_PREFIX)
+                calls.append((symbol, tuple(int(d) for d in args[-1].shape) if kernel else ()))
             return 0  # VMInstrumentReturnKind.NO_OP: run the call
 
         with self._lock:
@@ -191,12 +193,13 @@ class LoadedModel:
             try:
                 for _ in range(runs):
                     self._main(*self._stage(arrays))
+                    recording = False
             finally:
                 self._vm["set_instrument"](None)
         per_run = np.asarray(spent).reshape(runs, -1).mean(axis=0) * 1e3
         return [
             KernelCall(symbol, shape, float(ms))
-            for (symbol, shape), ms in zip(calls, per_run, strict=False)  # the first run's calls
+            for (symbol, shape), ms in zip(calls, per_run, strict=True)
         ]
 
 

@@ -199,7 +199,6 @@ def _writer(calls: list[KernelCall], start: int, ort_shape: tuple[int, ...]) -> 
     channels-last form (the CPU build's convolutions run NHWC); -1 if none does. ONNX Runtime's
     blocked-layout (NCHWc) nodes report their channels rounded up to its block of 8 or 16: such
     a match counts where no kernel writes the exact shape."""
-    shapes = [call.shape for call in calls[start:]]
     exact, padded = {ort_shape}, set()
     if len(ort_shape) == 4:
         n, c, h, w = ort_shape
@@ -208,9 +207,9 @@ def _writer(calls: list[KernelCall], start: int, ort_shape: tuple[int, ...]) -> 
             if c in (-(-channels // 8) * 8, -(-channels // 16) * 16):
                 padded |= {(n, channels, h, w), (n, h, w, channels)}
     for wanted in (exact, padded):
-        found = next((i for i, shape in enumerate(shapes) if shape in wanted), -1)
+        found = next((i for i in range(start, len(calls)) if calls[i].shape in wanted), -1)
         if found >= 0:
-            return start + found
+            return found
     return -1
 
 
