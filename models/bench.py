@@ -135,7 +135,7 @@ def measure(
 #: Kinds of layer, by the first operator of a TVM kernel's name and by ONNX Runtime's op type.
 LAYER_KINDS = {
     "conv": (("conv2d",), ("Conv", "FusedConv")),
-    "dense": (("matmul", "dense"), ("Gemm", "MatMul", "FusedGemm", "FusedMatMul")),
+    "dense": (("matmul", "dense", "gemv"), ("Gemm", "MatMul", "FusedGemm", "FusedMatMul")),
     "pool": (
         ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "mean"),
         ("MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean"),

@@ -174,7 +174,7 @@ def weight_heavy_convs() -> onnx.ModelProto:
 
 
 #: The kernels scheduled by this project's search spaces, by name.
-OUR_SPACES = ("depthwise", "pointwise", "streaming")
+OUR_SPACES = ("conv2d_depthwise", "conv2d_pointwise", "conv2d_streaming", "gemv")
 HEAVY_FEEDS = {"x": np.random.default_rng(7).normal(0, 1, [1, 8, 12, 12]).astype(np.float32)}
 
 
@@ -249,12 +249,53 @@ def test_depthwise_and_1x1_convolutions_compute_what_onnx_runtime_does() -> None
     np.testing.assert_allclose(run_untuned(model, MOBILE_FEEDS), expected, rtol=1e-4, atol=1e-4)
 
 
+def classifier_head() -> onnx.ModelProto:
+    """A CNN's classifier: global average pool, flatten, a dense layer with a bias (ONNX's
+    Gemm, weights transposed) to 40 classes, and a product of the scores with a matrix given
+    at run time."""
+    rng = np.random.default_rng(8)
+    inits = {"w": rng.normal(0, 0.3, (40, 96)), "b": rng.normal(0, 0.3, 40)}
+    return checked_model(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "w", "b"], ["scores"], transB=1),
+            helper.make_node("MatMul", ["scores", "m"], ["y"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 96, 5, 5]),
+            helper.make_tensor_value_info("m", TensorProto.FLOAT, [40, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+
+
+HEAD_FEEDS = {
+    "x": np.random.default_rng(9).normal(0, 1, [1, 96, 5, 5]).astype(np.float32),
+    "m": np.random.default_rng(10).normal(0, 1, [40, 8]).astype(np.float32),
+}
+
+
+def test_a_dense_layer_streams_its_weights() -> None:
+    model = classifier_head()
+    # The dense layer's constant weights stream (_gemv); the product of two inputs is TVM's.
+    assert [n for n in kernels(model) if "gemv" in n or "matmul" in n] == [
+        "fused_gemv_add",
+        "matmul",
+    ]
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, HEAD_FEEDS)[0]
+    np.testing.assert_allclose(run_untuned(model, HEAD_FEEDS), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model,feeds,spaces",
     [
         (mobile_blocks, MOBILE_FEEDS, 6),  # depthwise and 1x1
         (weight_heavy_convs, HEAVY_FEEDS, 3),  # two streaming, one 1x1
+        (classifier_head, HEAD_FEEDS, 1),  # the dense layer
     ],
 )
 def test_our_search_spaces_tune_in_vectors_of_channels(
@@ -263,11 +304,11 @@ def test_our_search_spaces_tune_in_vectors_of_channels(
     feeds: dict[str, np.ndarray],
     spaces: int,
 ) -> None:
-    """The search spaces of ``_schedule_depthwise``, ``_schedule_pointwise`` and
-    ``_schedule_streaming``: whatever the tuner picks, every loop nest's innermost loop is a
-    vector of channels (the products', and the bias', activation's and residual's after them),
-    and the sums stay in registers (a local buffer). The tuned build still computes what ONNX
-    Runtime does."""
+    """The search spaces of ``_schedule_depthwise``, ``_schedule_pointwise``,
+    ``_schedule_streaming`` and ``_schedule_gemv``: whatever the tuner picks, every loop nest's
+    innermost loop is a vector of channels (the products', and the bias', activation's and
+    residual's after them), and the sums stay in registers (a local buffer). The tuned build
+    still computes what ONNX Runtime does."""
     import tvm
     from tvm import relax
 
@@ -280,8 +321,7 @@ def test_our_search_spaces_tune_in_vectors_of_channels(
     tuned = {
         gv.name_hint: func.script()
         for gv, func in mod.functions_items()
-        if any(f"conv2d_{space}" in gv.name_hint for space in OUR_SPACES)
-        and gv.name_hint.endswith("prepacked")
+        if any(space in gv.name_hint for space in OUR_SPACES) and gv.name_hint.endswith("prepacked")
     }
     assert len(tuned) == spaces, sorted(tuned)
     for name, script in tuned.items():
@@ -292,6 +332,6 @@ def test_our_search_spaces_tune_in_vectors_of_channels(
             assert "T.vectorized(" in lines[i - 1], (name, lines[i], script)
         assert 'scope="local"' in script, (name, script)
     vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(feeds["x"])).numpy()
+    got = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values())).numpy()
     expected = ort.InferenceSession(onnx_model.SerializeToString()).run(None, feeds)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
