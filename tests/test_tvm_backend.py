@@ -70,12 +70,15 @@ def kernels(model: onnx.ModelProto) -> list[str]:
     return sorted(gv.name_hint for gv in mod.get_global_vars() if gv.name_hint != "main")
 
 
-def run_untuned(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The model's first output, as the CPU pipeline's untuned build computes it."""
+def run_untuned(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], target: dict[str, object] | None = None
+) -> np.ndarray:
+    """The model's first output, as the CPU pipeline's untuned build computes it (for a
+    generic CPU unless ``target`` is given)."""
     import tvm
     from tvm import relax
 
-    target = {"kind": "llvm"}
+    target = target or {"kind": "llvm"}
     mod = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), target, None)
     vm = relax.VirtualMachine(tvm_backend.build(mod, target), tvm.cpu())
     return vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values())).numpy()
@@ -247,6 +250,44 @@ def test_depthwise_and_1x1_convolutions_compute_what_onnx_runtime_does() -> None
     ]
     expected = ort.InferenceSession(model.SerializeToString()).run(None, MOBILE_FEEDS)[0]
     np.testing.assert_allclose(run_untuned(model, MOBILE_FEEDS), expected, rtol=1e-4, atol=1e-4)
+
+
+#: An x86 CPU with AVX-512: vectors of 16 floats.
+AVX512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}
+
+
+def summed_and_stored(mod: object) -> list[tuple[int, int]]:
+    """Each 1x1 kernel's outputs a pixel: those it sums, those it stores."""
+    import tvm
+
+    def channels(sch: object, block: str) -> int:
+        return int(sch.get(sch.get_sblock(block)).iter_vars[3].dom.extent)  # type: ignore[attr-defined]
+
+    found = []
+    for gv, func in mod.functions_items():  # type: ignore[attr-defined]
+        if "conv2d_pointwise" in gv.name_hint:
+            sch = tvm.s_tir.Schedule(func)
+            store = tvm_backend.POINTWISE_STORE
+            stored = store if f'T.sblock("{store}")' in func.script() else "pointwise"
+            found.append((channels(sch, "pointwise"), channels(sch, stored)))
+    return found
+
+
+def test_1x1_outputs_are_summed_in_whole_vectors() -> None:
+    """In AVX-512's 16-float vectors, a 1x1 with 24 outputs sums 32 (zero filters added) and
+    stores the 24: 2 vectors rather than 3 of 8. 16 and 48 outputs are whole vectors, and
+    8-float vectors hold 24 outputs whole."""
+    model = mobile_blocks()
+    padded = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), AVX512, None)
+    assert sorted(summed_and_stored(padded)) == [(16, 16), (32, 24), (32, 24), (48, 48)]
+    avx2 = {**AVX512, "mcpu": "haswell"}
+    unpadded = tvm_backend.optimize(tvm_backend.import_onnx(model, "m"), avx2, None)
+    assert sorted(summed_and_stored(unpadded)) == [(16, 16), (24, 24), (24, 24), (48, 48)]
+    if "avx512f" not in tvm_backend.host_features():
+        pytest.skip("this CPU cannot run AVX-512 code")
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, MOBILE_FEEDS)[0]
+    got = run_untuned(model, MOBILE_FEEDS, AVX512)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def classifier_head() -> onnx.ModelProto:
