@@ -687,15 +687,20 @@ def _lanes(sch: Any, channels: Any) -> int:
 
 
 def _store_tile(sch: Any, block: Any, tile: Any) -> None:
-    """``block``'s sums kept in registers (a local buffer) while a ``tile`` of its output is
+    """``block``'s sums kept in a buffer of the ``tile``'s size while the tile of its output is
     computed, then stored in vectors with the epilogue (the bias, activation and residual: one
     elementwise block after another) applied on the way; padded sums (``_pointwise``) by the
-    block that stores the real ones."""
+    block that stores the real ones.
+
+    The buffer is the kernel's own memory ("global"), which TVM puts on the stack under 1 KB,
+    where LLVM keeps it in registers; TVM takes a "local" buffer from its workspace pool, a
+    call pair for every tile. MobileNetV2's kernels in the model, builds interleaved in one
+    process, 2 threads: 5.02 ms against 5.31 and 4.45 against 4.69 (1 thread: 9.32 against
+    9.80, 9.29 against 9.64).
+    """
     stored = _stored_by(sch, block)
     if stored is None:
-        stored = sch.cache_write(block, 0, "local")
-    else:
-        sch.set_scope(block, 0, "local")
+        stored = sch.cache_write(block, 0, "global")
     consumers = sch.get_consumers(stored)
     while len(consumers) == 1:
         sch.reverse_compute_inline(consumers[0])

@@ -414,7 +414,13 @@ def deploy(
 
 
 def online(watcher: Watcher, agent: AgentProcess, after: int = 0) -> int:
+    """Wait for the agent's birth (from message ``after`` on) to reach the broker: its state
+    online, then its capability document, which a worker needs before it builds for the
+    device; returns the birth's bdseq."""
+    caps = device_topic(agent.device, "caps")
     try:
-        return watcher.state(agent.device, True, after)
+        bdseq = watcher.state(agent.device, True, after)
+        watcher.wait_for(lambda t, p: t == caps, 60, after)
     except AssertionError:
         raise AssertionError(agent.log_text()) from None
+    return bdseq
