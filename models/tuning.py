@@ -1,4 +1,5 @@
-"""The tuning database: MetaSchedule records keyed by (model digest, exact target, TVM version).
+"""The tuning database: MetaSchedule records keyed by (model digest, exact target, TVM version,
+revision of our search spaces).
 
 MetaSchedule's JSON records do not say which target they were measured on, so each key gets a
 directory of its own; ``key.json`` in it says what the key is. A later compile with the same key
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import BoostError
-from models.tvm_backend import CANDIDATES_DIR, RECORDS_FILE, WORKLOADS_FILE
+from models.tvm_backend import CANDIDATES_DIR, RECORDS_FILE, SPACES, WORKLOADS_FILE
 
 SHIPPED = Path(__file__).parent / "tuning_records"
 
@@ -35,6 +36,8 @@ class TuningKey:
     model_sha256: str
     target: dict[str, Any]
     tvm_version: str
+    spaces: int = SPACES
+    """The revision of our search spaces the records were made in (``tvm_backend.SPACES``)."""
 
     def as_json(self) -> str:
         return json.dumps(
@@ -42,6 +45,7 @@ class TuningKey:
                 "model_sha256": self.model_sha256,
                 "target": self.target,
                 "tvm_version": self.tvm_version,
+                "spaces": self.spaces,
             },
             sort_keys=True,
         )
@@ -89,11 +93,11 @@ class TuningDatabase:
         )
 
     def _other_cpus(self, key: TuningKey) -> list[TuningKey]:
-        """The shipped keys of ``key``'s model, TVM version and target on another CPU (another
-        ``mcpu``, features or core count)."""
+        """The shipped keys of ``key``'s model, TVM version, search spaces and target on
+        another CPU (another ``mcpu``, features or core count)."""
 
-        def but_cpu(key: TuningKey) -> tuple[str, str, dict[str, Any]]:
-            return key.model_sha256, key.tvm_version, _without_cpu(key.target)
+        def but_cpu(key: TuningKey) -> tuple[str, str, int, dict[str, Any]]:
+            return key.model_sha256, key.tvm_version, key.spaces, _without_cpu(key.target)
 
         shipped = [TuningKey(**json.loads(p.read_text())) for p in self.shipped.glob("*/key.json")]
         return sorted(

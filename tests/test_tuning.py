@@ -30,6 +30,7 @@ def test_tuning_key_separates_targets_and_versions() -> None:
     assert base.digest != TuningKey("ab" * 32, {**x86, "num-cores": 1}, "0.27.0").digest
     assert base.digest != TuningKey("ab" * 32, x86, "0.28.0").digest
     assert base.digest != TuningKey("cd" * 32, x86, "0.27.0").digest
+    assert base.digest != TuningKey("ab" * 32, x86, "0.27.0", tvm_backend.SPACES + 1).digest
 
 
 @pytest.mark.slow
@@ -55,6 +56,7 @@ def test_second_compile_reuses_tuning_records(
     key = json.loads((key_dirs[0] / "key.json").read_text())
     assert key["target"]["mcpu"] == tvm_backend.host_cpu()
     assert key["tvm_version"] == tvm_backend.version()
+    assert key["spaces"] == tvm_backend.SPACES
 
     reused, reused_lib = compile_with(0, db, "reused.boost")
     assert reused == {
@@ -63,12 +65,7 @@ def test_second_compile_reuses_tuning_records(
         "trials_this_build": 0,
         "untuned_kernels": tuned["untuned_kernels"],
     }
-    assert (
-        TuningDatabase(db).record_count(
-            TuningKey(key["model_sha256"], key["target"], key["tvm_version"])
-        )
-        == records
-    )
+    assert TuningDatabase(db).record_count(TuningKey(**key)) == records
 
     untuned, untuned_lib = compile_with(0, tmp_path / "empty-db", "untuned.boost")
     assert untuned["records"] == 0
@@ -199,8 +196,8 @@ def ship_fake(shipped: Path, key: TuningKey, workloads: str, records: str) -> No
 
 
 def test_records_shipped_for_other_cpus_are_candidates(tmp_path: Path) -> None:
-    """The shipped records of the same model, TVM version and target on another CPU (mcpu,
-    features, cores) land in the key's candidates directory, merged; no others do."""
+    """The shipped records of the same model, TVM version, search spaces and target on another
+    CPU (mcpu, features, cores) land in the key's candidates directory, merged; no others do."""
     here = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"}
     key = TuningKey("ab" * 32, here, "0.27.0")
     shipped = tmp_path / "shipped"
@@ -214,6 +211,7 @@ def test_records_shipped_for_other_cpus_are_candidates(tmp_path: Path) -> None:
     for other in (
         TuningKey("cd" * 32, here, "0.27.0"),  # another model
         TuningKey(key.model_sha256, here, "0.28.0"),  # another TVM
+        TuningKey(key.model_sha256, here, "0.27.0", key.spaces + 1),  # our next search spaces
         TuningKey(key.model_sha256, {**here, "mtriple": "aarch64-linux-gnu"}, "0.27.0"),
         TuningKey(key.model_sha256, {**here, "accelerator": "vta:x"}, "0.27.0"),  # VTA's CPU part
     ):

@@ -290,6 +290,56 @@ def test_1x1_outputs_are_summed_in_whole_vectors() -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cores", [1, 2, 3])
+def test_each_core_computes_a_run_of_tiles(cores: int) -> None:
+    """Our search spaces' loop of tiles, as tuning leaves it on a target with ``cores``
+    cores: where the cores divide the tiles, a parallel loop of one iteration a core, each
+    computing a run of tiles (a tile's buffers allocated once for the run); otherwise one
+    iteration a tile. The kernel still computes what it did before it was scheduled."""
+    import tvm
+    from tvm.tirx import ForKind
+
+    target = {**targets.resolve("x86_64").tvm_dict(), "num-cores": cores}
+    mod = tvm_backend.optimize(tvm_backend.import_onnx(mobile_blocks(), "m"), target, None)
+    spaces = {
+        "depthwise": tvm_backend._schedule_depthwise,
+        "pointwise": tvm_backend._schedule_pointwise,
+    }
+    runs = 0
+    for gv, func in mod.functions_items():
+        block = next((b for b in spaces if f"conv2d_{b}" in gv.name_hint), None)
+        if block is None:
+            continue
+        sch = tvm.s_tir.Schedule(func, seed=cores)
+        spaces[block](sch, sch.get_sblock(block))
+        tiles = tvm_backend._next_tiles(sch)
+        count = int(sch.get(tiles).extent)
+        tvm_backend._run_per_core(sch, tiles, cores)
+        assert tvm_backend._next_tiles(sch) is None
+        loops = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(block))]
+        first = next(i for i, loop in enumerate(loops) if loop.kind == ForKind.PARALLEL)
+        if count > cores and count % cores == 0:
+            assert [int(loop.extent) for loop in loops[first : first + 2]] == [
+                cores,
+                count // cores,
+            ]
+            runs += 1
+        else:
+            assert int(loops[first].extent) == count, (gv.name_hint, count, cores)
+        args = [
+            np.random.default_rng(i).normal(0, 1, [int(d) for d in param.shape])
+            for i, param in enumerate(func.params)
+        ]
+        results = []
+        for kernel in (func, sch.mod["main"]):
+            tensors = [tvm.runtime.tensor(a.astype(np.float32)) for a in args]
+            tvm.tirx.build(kernel.with_attr("global_symbol", "main"), target)(*tensors)
+            results.append(tensors[-1].numpy())
+        np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+    if cores == 1:  # every kernel has more than one tile
+        assert runs == 6
+
+
 def classifier_head() -> onnx.ModelProto:
     """A CNN's classifier: global average pool, flatten, a dense layer with a bias (ONNX's
     Gemm, weights transposed) to 40 classes, and a product of the scores with a matrix given
