@@ -455,7 +455,7 @@ STREAMING_RULE = "conv2d_nhwc_streaming"
 GEMV_RULE = "gemv_streaming"
 #: The block of a ``_pointwise`` kernel with padded outputs that stores the real ones.
 POINTWISE_STORE = "pointwise_channels"
-# The loop of a kernel's tiles in our search spaces, run in parallel by ``_tiles_per_core``.
+#: The loop of a kernel's tiles in our search spaces, run in parallel by ``_tiles_per_core``.
 TILES = "boost.tiles"
 #: The revision of our search spaces, part of the tuning key. A record made in an earlier one
 #: replays that one's schedule, and a shipped record carried over to the current spaces keeps
@@ -783,9 +783,9 @@ def _next_tiles(sch: Any) -> Any:
 def _space(mod: Any, target: Any) -> Any:
     """MetaSchedule's search space for a kernel ``mod`` on ``target``: the target's defaults,
     with our search spaces' loops of tiles run on its cores (``_tiles_per_core``) right after
-    MetaSchedule's own parallel loops. Earlier, that step fuses our runs of tiles back into
-    one loop; later, the reduction's initialization is split from it, and its loop can no
-    longer run in parallel."""
+    MetaSchedule's step that makes its own loops parallel: that step would fuse our runs of
+    tiles back into one loop, and once the next one splits a reduction's initialization off,
+    its loop can no longer be made parallel."""
     from tvm.s_tir import meta_schedule as ms
 
     default = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply")
