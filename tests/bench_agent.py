@@ -21,7 +21,7 @@ from models.broker import LocalBroker, free_port
 from models.compiler import CompileRequest, compile_model
 from models.fleet import Fleet
 from models.progress import Progress
-from tests.support.figures import Figure
+from tests.support.figures import Figure, default_tuning
 from tests.support.fleet import AgentProcess, CountingStore, Watcher
 
 MODEL = "mobilenetv2"
@@ -48,8 +48,9 @@ def timed_deploy(watcher: Watcher, store: CountingStore, artifact: Path) -> tupl
     return seconds, path
 
 
-def measure(model_name: str, repeats: int) -> dict[str, Any]:
+def measure(model_name: str, repeats: int, quick: bool) -> dict[str, Any]:
     """Medians over ``repeats`` agent processes of every agent figure."""
+    tuning_db, minutes = default_tuning(quick)
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp_name:
         tmp = Path(tmp_name)
         key = tmp / "build.key"
@@ -60,10 +61,14 @@ def measure(model_name: str, repeats: int) -> dict[str, Any]:
         artifacts = []
         for version in ("1", "2"):
             request = CompileRequest(
-                model=model_path, target="x86_64", version=version, output=tmp / f"v{version}.boost"
+                model=model_path,
+                target="x86_64",
+                version=version,
+                output=tmp / f"v{version}.boost",
+                tune_minutes=minutes,
             )
             artifacts.append(
-                compile_model(request, tmp / "tuning", key, "bench", Progress(False)).artifact
+                compile_model(request, tuning_db, key, "bench", Progress(False)).artifact
             )
         verified = open_artifact(artifacts[0], [load_public_key(public)], tmp / "direct")
         manifest = verified.manifest
@@ -120,7 +125,7 @@ def measure(model_name: str, repeats: int) -> dict[str, Any]:
 
 def figures(quick: bool) -> list[Figure]:
     model_name, repeats = ("tiny_cnn", 1) if quick else (MODEL, 3)
-    m = measure(model_name, repeats)
+    m = measure(model_name, repeats, quick)
     fig = Figure(
         "agent",
         f"Agent: deployment, start, memory and inference ({m['model']}, "

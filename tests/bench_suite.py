@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.artifact import generate_keypair
-from agent.config import load_config
 from models import bench, zoo
 from tests import bench_agent, bench_cache, bench_fleet, bench_vta_model
-from tests.support.figures import Figure
+from tests.support.figures import Figure, default_tuning
 
 #: Runs of the TVM build and of ONNX Runtime for each CPU ratio: this machine's speed drifts
 #: by 10-30% within minutes, and the ratio's median takes many alternating blocks to settle.
@@ -57,8 +56,7 @@ def cpu_figures(quick: bool) -> list[Figure]:
         ["model", "layers", "TVM ms", "ORT ms", "TVM / ORT"],
     )
     # What compile does by default; nothing to tune where the shipped records cover this CPU.
-    build = load_config(None).build
-    minutes = 0.0 if quick else build.tune_minutes
+    tuning_db, minutes = default_tuning(quick)
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:
         work = Path(tmp)
         key = work / "bench.key"
@@ -67,7 +65,7 @@ def cpu_figures(quick: bool) -> list[Figure]:
             model = work / f"{name}.onnx"
             zoo.get(name).save(str(model))
             builds, records = bench.build_engines(
-                model, "x86_64", work / name, build.tuning_db, key, tune_minutes=minutes
+                model, "x86_64", work / name, tuning_db, key, tune_minutes=minutes
             )
             for threads in (1, 2):
                 # The ratio gets many runs; the untuned build (some 40x slower) only a few.

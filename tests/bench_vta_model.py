@@ -27,7 +27,7 @@ from models.compiler import CompileRequest, compile_model
 from models.progress import Progress
 from tests import bench_vta
 from tests.bench_vta import median_s
-from tests.support.figures import Figure
+from tests.support.figures import Figure, default_tuning
 from vta.bundle import Bundle
 from vta.drivers.sim import SimDriver
 from vta.engine import LayerRunner, VtaEngine, register
@@ -84,7 +84,7 @@ class Builds:
         return {t: median_s(lambda m=m: m.run(feeds), repeats) for t, m in self.models.items()}
 
 
-def build_both(model: str, work: Path) -> Builds:
+def build_both(model: str, work: Path, quick: bool = False) -> Builds:
     source = zoo.get(model)
     key = work / "build.key"
     generate_keypair(key)
@@ -93,6 +93,7 @@ def build_both(model: str, work: Path) -> Builds:
     source.save_inputs(str(npz))
     loaded: dict[str, tuple[Manifest, Path]] = {}
     runtime = TvmRuntime()
+    tuning_db, minutes = default_tuning(quick)
     for target in ("x86_64", "vta"):
         request = CompileRequest(
             model=onnx_path,
@@ -100,8 +101,9 @@ def build_both(model: str, work: Path) -> Builds:
             output=work / f"{target}.boost",
             inputs=npz,
             calibration=npz if target == "vta" else None,
+            tune_minutes=minutes,
         )
-        result = compile_model(request, work / "tuning", key, "bench", Progress(False))
+        result = compile_model(request, tuning_db, key, "bench", Progress(False))
         loaded[target] = (unpack(result.artifact, work / target), work / target)
     # As on a device: the engine handles boost.vta.layer before any module is loaded (a
     # module binds the function it finds when it loads).
@@ -119,7 +121,7 @@ def build_both(model: str, work: Path) -> Builds:
 def figures(quick: bool) -> list[Figure]:
     model = "tiny_cnn" if quick else "resnet18"
     with tempfile.TemporaryDirectory(prefix="bench-vta-") as tmp:
-        builds = build_both(model, Path(tmp))
+        builds = build_both(model, Path(tmp), quick)
         times = builds.median_s(3 if quick else 10)
         builds.engine.close()
     layer = bench_vta.measure()

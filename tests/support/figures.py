@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from agent.config import load_config
+
+
+def default_tuning(quick: bool) -> tuple[Path, float]:
+    """The tuning database and minutes of a default ``boost-build compile`` (``[build]``), so a
+    figure's TVM CPU build is the one a user gets; ``quick`` (the tests) never tunes."""
+    build = load_config(None).build
+    return build.tuning_db, 0.0 if quick else build.tune_minutes
 
 
 @dataclass
